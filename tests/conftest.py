@@ -1,0 +1,43 @@
+"""Shared fixtures: everything offline, small, and written in the real formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Fail fast instead of retrying the hub for ~46 s; users with a network leave these unset.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+
+def make_samples(n: int, prefix: str = "s", size: int = 16):
+    """``n`` samples with a distinct solid colour each and 2 English + 2 Korean captions."""
+    from PIL import Image
+
+    from src.data.schema import WebtoonSample
+
+    return [
+        WebtoonSample(
+            key=f"{prefix}{i:05d}",
+            image=Image.new("RGB", (size, size), ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)),
+            captions_en=[f"picture {i}", f"image number {i}"],
+            captions_ko=[f"그림 {i}", f"사진 {i}"],
+            style="flat",
+            image_id=i,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A small generated bilingual dataset, shared by the tests that need real-looking data."""
+    from src.data.synthetic import generate_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic_dataset(out, num_samples=240, seed=0, image_size=64)
+    return out
