@@ -1,0 +1,81 @@
+"""Train a model: seed -> datamodule -> module -> callbacks -> loggers -> trainer -> fit -> test.
+
+    python train.py experiment=clip_demo
+    python train.py experiment=clip_webtoon data.root=/data/coco_webtoon/hayao
+    python train.py experiment=clip_demo ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    """Fit and test as the config says; return the final metrics and the built objects."""
+    # Heavy imports live here so `--help` and config errors answer at once.
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from src.utils.run import (
+        apply_extras,
+        final_metrics,
+        instantiate_callbacks,
+        instantiate_loggers,
+        log_hyperparameters,
+        save_config,
+        write_metrics,
+    )
+
+    apply_extras(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    save_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_hyperparameters(cfg, loggers, model)
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train"):
+        # Our own checkpoints carry the optimizer partials in their hparams, hence weights_only=False.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        metrics.update(final_metrics(trainer.callback_metrics))
+
+    if cfg.get("test"):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        ckpt = best or (cfg.get("ckpt_path") if not cfg.get("train") else None)
+        log.info("Testing %s", ckpt or "the weights in memory")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+        metrics.update(final_metrics(trainer.callback_metrics, prefixes=("test/",)))
+
+    if datamodule.skipped if hasattr(datamodule, "skipped") else False:
+        log.warning("Skipped corrupt samples: %s", dict(datamodule.skipped))
+        metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skipped.items()})
+    if trainer.is_global_zero:
+        path = write_metrics(output_dir, metrics, cfg.get("paper_metrics"))
+        log.info("Metrics written to %s", path)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning("optimized_metric %s was not logged; the sweeper gets None", name)
+    return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()
