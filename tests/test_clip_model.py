@@ -1,0 +1,122 @@
+"""The dual encoder loads real (saved) towers by the setting users set for hub names; loggers work offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _tiny_towers(tmp_path):
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    vit.save_pretrained(tmp_path / "vit")
+    return bert, vit
+
+
+def _optimizer():
+    from functools import partial
+
+    return partial(torch.optim.AdamW, lr=1e-3)
+
+
+def test_saved_towers_load_through_name_or_path(tmp_path):
+    from src.modules.clip_module import WebtoonCLIP
+
+    bert, vit = _tiny_towers(tmp_path)
+    model = WebtoonCLIP(
+        text_encoder={"name_or_path": str(tmp_path / "bert"), "pooling": "cls"},
+        image_encoder={"name_or_path": str(tmp_path / "vit"), "pooling": "cls"},
+        optimizer=_optimizer(),
+        projection_dim=16,
+    )
+    loaded_text = model.encoder.model.text_model.state_dict()
+    for name, value in bert.state_dict().items():
+        assert torch.equal(loaded_text[name], value), name
+    loaded_vision = model.encoder.model.vision_model.state_dict()
+    for name, value in vit.state_dict().items():
+        assert torch.equal(loaded_vision[name], value), name
+
+    image, text = model.encoder(torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long))
+    assert image.shape == text.shape == (3, 16)
+    assert torch.allclose(image.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_mean_pooling_ignores_padding(tmp_path):
+    from src.modules.clip_module import WebtoonCLIP
+
+    _tiny_towers(tmp_path)
+    model = WebtoonCLIP(
+        text_encoder={"name_or_path": str(tmp_path / "bert"), "pooling": "mean"},
+        image_encoder={"name_or_path": str(tmp_path / "vit")},
+        optimizer=_optimizer(),
+        projection_dim=16,
+    ).eval()
+    ids = torch.tensor([[2, 5, 6, 3]])
+    padded = torch.tensor([[2, 5, 6, 3, 0, 0]])
+    with torch.no_grad():
+        short = model.encoder.encode_text(ids, torch.ones_like(ids))
+        long = model.encoder.encode_text(padded, torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    assert torch.allclose(short, long, atol=1e-5)
+
+
+def test_missing_hub_weights_fail_with_one_clear_message():
+    from src.modules.clip_module import WebtoonCLIP
+    from src.utils.hub import MissingWeightsError
+
+    with pytest.raises(MissingWeightsError, match=r"model.text_encoder.name_or_path=/path/to/local/copy") as error:
+        WebtoonCLIP(
+            text_encoder={"name_or_path": "bert-base-multilingual-cased"},
+            image_encoder={"name_or_path": "google/vit-base-patch16-224-in21k"},
+            optimizer=_optimizer(),
+        )
+    assert "hf download bert-base-multilingual-cased" in str(error.value)
+
+
+def test_logit_scale_is_clamped_at_100(tmp_path):
+    from src.modules.clip_module import WebtoonCLIP
+
+    _tiny_towers(tmp_path)
+    model = WebtoonCLIP(
+        text_encoder={"name_or_path": str(tmp_path / "bert")},
+        image_encoder={"name_or_path": str(tmp_path / "vit")},
+        optimizer=_optimizer(),
+        projection_dim=16,
+    )
+    with torch.no_grad():
+        model.encoder.model.logit_scale.fill_(10.0)
+    assert model.encoder.logit_scale.item() == pytest.approx(100.0)
+    model.encoder.clamp_logit_scale()
+    assert model.encoder.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+
+
+def test_warmup_cosine_schedule():
+    from src.modules.clip_module import warmup_cosine
+
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, caplog):
+    from omegaconf import OmegaConf
+
+    from src.utils.run import instantiate_loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    cfg = OmegaConf.create(
+        {"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "project": "webtoon-lab-test", "save_dir": str(tmp_path)}}
+    )
+    with caplog.at_level("WARNING"):
+        (logger,) = instantiate_loggers(cfg)
+    assert "offline" in caplog.text and "WANDB_API_KEY" in caplog.text
+    logger.log_metrics({"train/loss": 1.5}, step=0)
+    logger.experiment.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
