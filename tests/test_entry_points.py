@@ -146,3 +146,22 @@ def test_evaluate_requires_an_existing_checkpoint(synthetic_dir, tmp_path):
     cfg = compose_config("evaluate.yaml", demo_overrides(synthetic_dir, f"ckpt_path={tmp_path / 'missing.ckpt'}"), tmp_path)
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         evaluate(cfg)
+
+
+def test_ddp_on_two_cpu_processes_evaluates_every_test_sample_once(synthetic_dir, tmp_path):
+    """Two gloo ranks read disjoint shards; the retrieval gallery gathers exactly the whole test split."""
+    overrides = demo_overrides(
+        synthetic_dir,
+        "trainer=ddp_cpu",
+        "trainer.strategy=ddp",
+        "+trainer.limit_train_batches=2",
+        "data.batch_size=16",
+        "extras.print_config=false",
+        f"hydra.run.dir={tmp_path}",
+    )
+    result = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    sizes = json.loads((synthetic_dir / "sizes.json").read_text())
+    assert metrics["test/gallery_images"] == sizes["test"]
+    assert metrics["val/gallery_images"] == sizes["val"]

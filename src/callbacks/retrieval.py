@@ -66,10 +66,10 @@ class RetrievalMetrics(L.Callback):
             ks=self.ks,
             chunk_size=self.chunk_size,
         )
-        # Every rank holds the same gathered embeddings, so the values already agree: no sync needed.
+        # Every rank holds the same gathered embeddings, so the values agree and averaging keeps them.
+        metrics["gallery_images"] = float(len(embeddings["image_embeds"]))
         for name, value in metrics.items():
-            pl_module.log(f"{stage}/{name}", value, prog_bar=name == f"mrr@{max(self.ks)}")
-        pl_module.log(f"{stage}/gallery_images", float(len(embeddings["image_embeds"])))
+            pl_module.log(f"{stage}/{name}", value, prog_bar=name == f"mrr@{max(self.ks)}", sync_dist=True)
 
     def _gather(self) -> dict[str, torch.Tensor] | None:
         local = {
