@@ -67,7 +67,9 @@ class WebtoonShardDataModule(L.LightningDataModule):
         super().__init__()
         unknown = set(languages) - set(LANGUAGES)
         if unknown or not languages:
-            raise ValueError(f"data.languages must be a non-empty subset of {list(LANGUAGES)}, got {languages}")
+            raise ValueError(
+                f"data.languages must be a non-empty subset of {list(LANGUAGES)}, got {languages}"
+            )
         self.save_hyperparameters(logger=False)
         self.epoch = SharedEpoch()
         self.skipped: Counter[str] = Counter()
@@ -86,7 +88,9 @@ class WebtoonShardDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the procedurally generated dataset once when a synthetic source is configured."""
         spec = self.hparams.synthetic
-        if spec and not read_sizes(spec["out_dir"]):
+        # The tokenizer is written last, so its presence means an earlier generation finished.
+        complete = {"train", "val", "test"} <= set(read_sizes(spec["out_dir"])) if spec else True
+        if spec and not (complete and (Path(spec["out_dir"]) / "tokenizer" / "vocab.txt").exists()):
             from src.data.synthetic import generate_synthetic_dataset
 
             log.info("Generating the synthetic bilingual dataset in %s", spec["out_dir"])
@@ -152,7 +156,10 @@ class WebtoonShardDataModule(L.LightningDataModule):
             )
             if self.tokenizer is not None:
                 tokens = self._tokenize(captions)
-                batch["all_input_ids"], batch["all_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+                batch["all_input_ids"], batch["all_attention_mask"] = (
+                    tokens["input_ids"],
+                    tokens["attention_mask"],
+                )
             if self.hparams.text_features:
                 batch["all_text_features"] = torch.from_numpy(
                     np.concatenate([item["all_text_features"] for item in items])
@@ -171,7 +178,9 @@ class WebtoonShardDataModule(L.LightningDataModule):
         world_size = self.trainer.world_size if self.trainer else 1
         samples = self.num_samples("train")
         if not samples:
-            raise ValueError("Set data.train_samples or put a sizes.json with a 'train' count beside the shards.")
+            raise ValueError(
+                "Set data.train_samples or put a sizes.json with a 'train' count beside the shards."
+            )
         batches = max(1, samples // (self.hparams.batch_size * world_size))
         workers = self.hparams.num_workers
         pipeline = shard_pipeline(
@@ -219,7 +228,9 @@ class WebtoonShardDataModule(L.LightningDataModule):
     def _require(self, split: str) -> str | list[str]:
         shards = self.hparams[f"{split}_shards"]
         if not shards:
-            raise ValueError(f"data.{split}_shards is not set: point it at the {split} shards (brace or glob).")
+            raise ValueError(
+                f"data.{split}_shards is not set: point it at the {split} shards (brace or glob)."
+            )
         return shards
 
     # ---- bookkeeping in the main process -----------------------------------------------------------
