@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on the test split, as a reviewer reruns a paper's numbers.
 
-    python evaluate.py experiment=clip_demo ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
-    python evaluate.py experiment=clip_webtoon ckpt_path=CKPT export_dir=exported/clip   # + transformers export
+python evaluate.py experiment=clip_demo ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt
+python evaluate.py experiment=clip_webtoon ckpt_path=CKPT export_dir=exported/clip   # + transformers export
 """
 
 from __future__ import annotations
@@ -22,10 +22,19 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from src.utils.run import apply_extras, final_metrics, instantiate_callbacks, instantiate_loggers, save_config, write_metrics
+    from src.utils.run import (
+        apply_extras,
+        final_metrics,
+        instantiate_callbacks,
+        instantiate_loggers,
+        save_config,
+        write_metrics,
+    )
 
     if not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a file: point it at a checkpoint written by train.py.")
+        raise FileNotFoundError(
+            f"ckpt_path={cfg.ckpt_path} is not a file: point it at a checkpoint written by train.py."
+        )
     apply_extras(cfg)
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir)
@@ -33,8 +42,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    callbacks = [cb for cb in instantiate_callbacks(cfg.get("callbacks")) if not isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False)
+    callbacks = [
+        cb
+        for cb in instantiate_callbacks(cfg.get("callbacks"))
+        if not isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)
+    ]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False
+    )
 
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = final_metrics(trainer.callback_metrics, prefixes=("test/",))
@@ -44,7 +59,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
             model.write_analyses(datamodule, output_dir / "analyses", callbacks)
         if cfg.get("export_dir"):
             if not hasattr(model, "export"):
-                raise ValueError(f"{type(model).__name__} has no transformers export; leave export_dir unset.")
+                raise ValueError(
+                    f"{type(model).__name__} has no transformers export; leave export_dir unset."
+                )
             model.export(cfg.export_dir, datamodule)
             log.info("Exported to %s", cfg.export_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

@@ -1,8 +1,8 @@
 """Train a model: seed -> datamodule -> module -> callbacks -> loggers -> trainer -> fit -> test.
 
-    python train.py experiment=clip_demo
-    python train.py experiment=clip_webtoon data.root=/data/coco_webtoon/hayao
-    python train.py experiment=clip_demo ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
+python train.py experiment=clip_demo
+python train.py experiment=clip_webtoon data.root=/data/coco_webtoon/hayao
+python train.py experiment=clip_demo ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt   # resume
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         metrics.update(final_metrics(trainer.callback_metrics))
 
     if cfg.get("test"):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        best = (
+            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        )
         ckpt = best or (cfg.get("ckpt_path") if not cfg.get("train") else None)
         log.info("Testing %s", ckpt or "the weights in memory")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)

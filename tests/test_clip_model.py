@@ -10,8 +10,21 @@ def _tiny_towers(tmp_path):
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
+    vit = ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
     bert.save_pretrained(tmp_path / "bert")
     vit.save_pretrained(tmp_path / "vit")
     return bert, vit
@@ -40,7 +53,9 @@ def test_saved_towers_load_through_name_or_path(tmp_path):
     for name, value in vit.state_dict().items():
         assert torch.equal(loaded_vision[name], value), name
 
-    image, text = model.encoder(torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long))
+    image, text = model.encoder(
+        torch.randn(3, 3, 32, 32), torch.randint(0, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    )
     assert image.shape == text.shape == (3, 16)
     assert torch.allclose(image.norm(dim=-1), torch.ones(3), atol=1e-5)
 
@@ -67,7 +82,9 @@ def test_missing_hub_weights_fail_with_one_clear_message():
     from src.modules.clip_module import WebtoonCLIP
     from src.utils.hub import MissingWeightsError
 
-    with pytest.raises(MissingWeightsError, match=r"model.text_encoder.name_or_path=/path/to/local/copy") as error:
+    with pytest.raises(
+        MissingWeightsError, match=r"model.text_encoder.name_or_path=/path/to/local/copy"
+    ) as error:
         WebtoonCLIP(
             text_encoder={"name_or_path": "bert-base-multilingual-cased"},
             image_encoder={"name_or_path": "google/vit-base-patch16-224-in21k"},
@@ -111,7 +128,13 @@ def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, cap
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
     cfg = OmegaConf.create(
-        {"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "project": "webtoon-lab-test", "save_dir": str(tmp_path)}}
+        {
+            "wandb": {
+                "_target_": "lightning.pytorch.loggers.wandb.WandbLogger",
+                "project": "webtoon-lab-test",
+                "save_dir": str(tmp_path),
+            }
+        }
     )
     with caplog.at_level("WARNING"):
         (logger,) = instantiate_loggers(cfg)

@@ -79,7 +79,10 @@ def test_corrupt_samples_are_skipped_counted_and_never_fatal(tmp_path):
     records = []
     for sample in good[:3]:
         records += _good_record(sample)
-    records += [("truncated", "jpg", jpg[: len(jpg) // 2]), ("truncated", "json", good[0].to_record()["json"])]
+    records += [
+        ("truncated", "jpg", jpg[: len(jpg) // 2]),
+        ("truncated", "json", good[0].to_record()["json"]),
+    ]
     records += [("badjson", "jpg", jpg), ("badjson", "json", b"{not json")]
     empty = json.dumps({"captions_en": ["", " "], "captions_ko": [""]}).encode()
     records += [("nocaption", "jpg", jpg), ("nocaption", "json", empty)]
@@ -107,8 +110,15 @@ def test_korean_only_training_draws_korean_captions_and_fixed_epoch_length(tmp_p
 
 
 def _keys_seen(urls, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
-    env = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "WORKER": str(worker), "NUM_WORKERS": str(num_workers)}
-    pipeline = shard_pipeline(urls, lambda s: {"key": s.key}, lambda items: {"key": [i["key"] for i in items]}, 3, training=False)
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "WORKER": str(worker),
+        "NUM_WORKERS": str(num_workers),
+    }
+    pipeline = shard_pipeline(
+        urls, lambda s: {"key": s.key}, lambda items: {"key": [i["key"] for i in items]}, 3, training=False
+    )
     with mock.patch.dict(os.environ, env):
         return [k for batch in pipeline for k in batch["key"]]
 
@@ -129,8 +139,13 @@ def test_node_by_worker_split_reads_every_sample_exactly_once(tmp_path):
 def test_img2dataset_shards_are_read(tmp_path):
     sample = make_samples(1)[0]
     jpg = sample.to_record()["jpg"]
-    meta = json.dumps({"key": "000000001", "caption": "a cat on a mat", "status": "success", "url": "http://x"}).encode()
-    _tar_with(tmp_path / "test-000000.tar", [("000000001", "jpg", jpg), ("000000001", "txt", b"a cat on a mat"), ("000000001", "json", meta)])
+    meta = json.dumps(
+        {"key": "000000001", "caption": "a cat on a mat", "status": "success", "url": "http://x"}
+    ).encode()
+    _tar_with(
+        tmp_path / "test-000000.tar",
+        [("000000001", "jpg", jpg), ("000000001", "txt", b"a cat on a mat"), ("000000001", "json", meta)],
+    )
     decoded = decode_record({"__key__": "000000001", "jpg": jpg, "txt": b"a cat on a mat", "json": meta})
     assert decoded.captions_en == ["a cat on a mat"] and decoded.captions_ko == []
     batches = _iterate(_datamodule(tmp_path, languages=["en"]).test_dataloader())

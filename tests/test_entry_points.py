@@ -60,7 +60,11 @@ def test_every_experiment_composes_and_names_importable_targets(experiment, tmp_
 
 def test_unknown_experiment_fails_with_hydras_list_of_choices():
     result = subprocess.run(
-        [sys.executable, "train.py", "experiment=no_such_experiment"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py", "experiment=no_such_experiment"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "no_such_experiment" in result.stderr and "clip_demo" in result.stderr
@@ -92,7 +96,9 @@ def test_resume_from_last_checkpoint_continues_the_run(trained_run, synthetic_di
 
     out, _, objects = trained_run
     steps_one_epoch = objects["trainer"].global_step
-    overrides = demo_overrides(synthetic_dir, "trainer.max_epochs=2", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "test=false")
+    overrides = demo_overrides(
+        synthetic_dir, "trainer.max_epochs=2", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "test=false"
+    )
     _, resumed = train(compose_config("train.yaml", overrides, tmp_path))
     assert resumed["trainer"].current_epoch == 2
     assert resumed["trainer"].global_step == 2 * steps_one_epoch  # one more epoch, not two
@@ -107,7 +113,9 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
 
     out, train_metrics, objects = trained_run
     export_dir = tmp_path / "export"
-    overrides = demo_overrides(synthetic_dir, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"export_dir={export_dir}")
+    overrides = demo_overrides(
+        synthetic_dir, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"export_dir={export_dir}"
+    )
     metrics, evaluated = evaluate(compose_config("evaluate.yaml", overrides, tmp_path))
 
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
@@ -117,7 +125,9 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
         assert Image.open(analyses / name).size[0] > 100
     assert "cosine similarity" in (analyses / "similarity.md").read_text()
     keys, index = load_image_index(analyses / "image_index.safetensors")
-    assert index.shape == (len(keys), 64) and torch.allclose(index.norm(dim=-1), torch.ones(len(keys)), atol=1e-4)
+    assert index.shape == (len(keys), 64) and torch.allclose(
+        index.norm(dim=-1), torch.ones(len(keys)), atol=1e-4
+    )
 
     # The export is the same model: transformers' embeddings equal ours.
     exported = VisionTextDualEncoderModel.from_pretrained(export_dir).eval()
@@ -137,13 +147,17 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
 
     classify = pipeline("zero-shot-image-classification", model=str(export_dir))
     result = classify(image, candidate_labels=captions)
-    assert {r["label"] for r in result} == set(captions) and sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-4)
+    assert {r["label"] for r in result} == set(captions) and sum(r["score"] for r in result) == pytest.approx(
+        1.0, abs=1e-4
+    )
 
 
 def test_evaluate_requires_an_existing_checkpoint(synthetic_dir, tmp_path):
     from evaluate import evaluate
 
-    cfg = compose_config("evaluate.yaml", demo_overrides(synthetic_dir, f"ckpt_path={tmp_path / 'missing.ckpt'}"), tmp_path)
+    cfg = compose_config(
+        "evaluate.yaml", demo_overrides(synthetic_dir, f"ckpt_path={tmp_path / 'missing.ckpt'}"), tmp_path
+    )
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         evaluate(cfg)
 
@@ -159,7 +173,9 @@ def test_ddp_on_two_cpu_processes_evaluates_every_test_sample_once(synthetic_dir
         "extras.print_config=false",
         f"hydra.run.dir={tmp_path}",
     )
-    result = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     sizes = json.loads((synthetic_dir / "sizes.json").read_text())

@@ -41,7 +41,9 @@ class RetrievalMetrics(L.Callback):
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self._collect(outputs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -75,7 +77,9 @@ class RetrievalMetrics(L.Callback):
         local = {
             "image_embeds": torch.cat(self.image_embeds) if self.image_embeds else torch.empty(0),
             "text_embeds": torch.cat(self.text_embeds) if self.text_embeds else torch.empty(0),
-            "caption_to_image": torch.cat(self.caption_to_image) if self.caption_to_image else torch.empty(0, dtype=torch.long),
+            "caption_to_image": torch.cat(self.caption_to_image)
+            if self.caption_to_image
+            else torch.empty(0, dtype=torch.long),
         }
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Ranks read different shards, so their counts differ: all_gather_object takes any size.

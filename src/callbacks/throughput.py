@@ -28,7 +28,9 @@ class StepThroughput(L.Callback):
         if self._batch_end is None:
             return
         batch_time = now - self._batch_end  # data loading + step, as open_clip's batch_time
-        samples = len(batch["image"]) * trainer.world_size if isinstance(batch, dict) and "image" in batch else 0
+        samples = (
+            len(batch["image"]) * trainer.world_size if isinstance(batch, dict) and "image" in batch else 0
+        )
         pl_module.log("perf/batch_time", batch_time, on_step=True, on_epoch=False)
         if samples and batch_time > 0:
             pl_module.log("perf/samples_per_sec", samples / batch_time, on_step=True, on_epoch=False)

@@ -151,7 +151,9 @@ def shuffled_shards(seed: int, epoch: SharedEpoch) -> Callable[[Iterable[str]], 
     return stage
 
 
-def shuffled_samples(bufsize: int, seed: int, epoch: SharedEpoch) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def shuffled_samples(
+    bufsize: int, seed: int, epoch: SharedEpoch
+) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """webdataset's buffer shuffle, seeded per worker and epoch (torch gives each worker its own seed)."""
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
@@ -238,5 +240,7 @@ def feature_row(sample: WebtoonSample, caption: str) -> int:
 
 def features_of(sample: WebtoonSample, rows: list[int]) -> np.ndarray:
     if sample.text_features is None:
-        raise CorruptSample("no_text_features", f"{sample.key} has no txtfeat.npy; run precompute_text_features.py")
+        raise CorruptSample(
+            "no_text_features", f"{sample.key} has no txtfeat.npy; run precompute_text_features.py"
+        )
     return np.asarray(sample.text_features[rows], dtype=np.float32)

@@ -23,7 +23,9 @@ class EncodedSplit:
 
 
 @torch.no_grad()
-def encode_split(encoder: DualEncoder, dataloader, image_mean, image_std, keep_thumbnails: int = 64) -> EncodedSplit:
+def encode_split(
+    encoder: DualEncoder, dataloader, image_mean, image_std, keep_thumbnails: int = 64
+) -> EncodedSplit:
     """One pass over an evaluation dataloader: every image embedding, plus thumbnails of the first images."""
     device = next(encoder.parameters()).device
     mean = torch.tensor(image_mean).view(1, 3, 1, 1)
@@ -35,7 +37,9 @@ def encode_split(encoder: DualEncoder, dataloader, image_mean, image_std, keep_t
         out.keys += batch["key"]
         index = batch["caption_image_index"].tolist()
         for i in range(len(batch["key"])):
-            captions_per_image.append([c for c, j in zip(batch["all_captions"], index, strict=True) if j == i])
+            captions_per_image.append(
+                [c for c, j in zip(batch["all_captions"], index, strict=True) if j == i]
+            )
         if len(out.thumbnails) < keep_thumbnails:
             images = (batch["image"] * std + mean).clamp(0, 1)
             out.thumbnails += list(images[: keep_thumbnails - len(out.thumbnails)])
@@ -47,7 +51,9 @@ def encode_split(encoder: DualEncoder, dataloader, image_mean, image_std, keep_t
 @torch.no_grad()
 def encode_texts(encoder: DualEncoder, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
     device = next(encoder.parameters()).device
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(
+        device
+    )
     return encoder.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
 
 
@@ -59,7 +65,9 @@ def similarity_table(image_embed: torch.Tensor, sentences: list[str], sentence_e
     return "\n".join(rows) + "\n"
 
 
-def zero_shot_classify(image_embeds: torch.Tensor, label_embeds: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def zero_shot_classify(
+    image_embeds: torch.Tensor, label_embeds: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """Class probabilities per image over the label prompts (CLIP zero-shot classification)."""
     return (logit_scale * image_embeds @ label_embeds.T).softmax(dim=-1)
 
@@ -90,13 +98,17 @@ def pca_plot(groups: dict[str, torch.Tensor], path: Path, title: str = "PCA of C
     plt.close(fig)
 
 
-def retrieval_grid(queries: list[str], hits: torch.Tensor, thumbnails: list[torch.Tensor], path: Path) -> None:
+def retrieval_grid(
+    queries: list[str], hits: torch.Tensor, thumbnails: list[torch.Tensor], path: Path
+) -> None:
     """One row per query: its top-k images (indexes into ``thumbnails``) as a PNG, the queries in a sidecar file."""
     from torchvision.utils import save_image
 
     rows = [thumbnails[i] for row in hits.tolist() for i in row]
     save_image(torch.stack(rows), path, nrow=hits.shape[1], padding=2, pad_value=1.0)
-    path.with_suffix(".txt").write_text("\n".join(f"row {i}: {q}" for i, q in enumerate(queries)) + "\n", encoding="utf-8")
+    path.with_suffix(".txt").write_text(
+        "\n".join(f"row {i}: {q}" for i, q in enumerate(queries)) + "\n", encoding="utf-8"
+    )
 
 
 def save_image_index(path: Path, keys: list[str], image_embeds: torch.Tensor) -> None:
@@ -156,7 +168,9 @@ def write_clip_report(
         files["pca"],
     )
 
-    queries = [split.captions[i][j] for i in range(min(4, len(split.captions))) for j in (0, -1) if split.captions[i]]
+    queries = [
+        split.captions[i][j] for i in range(min(4, len(split.captions))) for j in (0, -1) if split.captions[i]
+    ]
     in_thumbnails = len(split.thumbnails)
     hits = top_k_images(encode_texts(encoder, tokenizer, queries), split.image_embeds[:in_thumbnails], top_k)
     files["retrieval_grid"] = out_dir / "retrieval_grid.png"
@@ -169,7 +183,9 @@ def write_clip_report(
         )
         rows = ["| image | first caption | predicted label | probability |", "|---|---|---|---|"]
         for key, captions, p in zip(split.keys[:8], split.captions[:8], probs, strict=False):
-            rows.append(f"| {key} | {captions[0] if captions else ''} | {zero_shot_labels[int(p.argmax())]} | {float(p.max()):.2f} |")
+            rows.append(
+                f"| {key} | {captions[0] if captions else ''} | {zero_shot_labels[int(p.argmax())]} | {float(p.max()):.2f} |"
+            )
         files["zero_shot"] = out_dir / "zero_shot.md"
         files["zero_shot"].write_text("\n".join(rows) + "\n", encoding="utf-8")
     return files

@@ -57,7 +57,12 @@ class WebtoonCLIP(L.LightningModule):
         loss = self.loss(image_features, text_features, self.encoder.logit_scale)
         batch_size = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/accuracy", contrastive_accuracy(image_features, text_features), prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/accuracy",
+            contrastive_accuracy(image_features, text_features),
+            prog_bar=True,
+            batch_size=batch_size,
+        )
         self.log("train/logit_scale", self.encoder.logit_scale, batch_size=batch_size)
         return loss
 
@@ -85,11 +90,22 @@ class WebtoonCLIP(L.LightningModule):
         # Loss and accuracy on the local batch only: sync_dist averages them once at epoch end.
         logits = self.encoder.logit_scale * image_features @ text_features.T
         labels = torch.arange(batch_size, device=logits.device)
-        loss = (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)) / 2
+        loss = (
+            nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels)
+        ) / 2
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=batch_size)
-        self.log(f"{stage}/accuracy", contrastive_accuracy(image_features, text_features), sync_dist=True, batch_size=batch_size)
+        self.log(
+            f"{stage}/accuracy",
+            contrastive_accuracy(image_features, text_features),
+            sync_dist=True,
+            batch_size=batch_size,
+        )
         all_text = self.encoder.encode_text(batch["all_input_ids"], batch["all_attention_mask"])
-        return {"image_embeds": image_features, "text_embeds": all_text, "caption_image_index": batch["caption_image_index"]}
+        return {
+            "image_embeds": image_features,
+            "text_embeds": all_text,
+            "caption_image_index": batch["caption_image_index"],
+        }
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
@@ -100,11 +116,15 @@ class WebtoonCLIP(L.LightningModule):
                 continue
             is_gain_or_bias = parameter.ndim < 2 or "norm" in name or "logit_scale" in name
             (no_decay if is_gain_or_bias else decay).append(parameter)
-        optimizer = self.hparams.optimizer(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        optimizer = self.hparams.optimizer(
+            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio),
+            lambda step: warmup_cosine(
+                step, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

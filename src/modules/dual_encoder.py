@@ -26,7 +26,9 @@ def build_encoder(name_or_path: str | None, config: dict[str, Any] | None, setti
     if name_or_path:
         return from_pretrained(AutoModel.from_pretrained, str(name_or_path), setting)
     if not config:
-        raise ValueError(f"Set `{setting}` (hub name or local path) or give a config for a randomly initialised tower.")
+        raise ValueError(
+            f"Set `{setting}` (hub name or local path) or give a config for a randomly initialised tower."
+        )
     config = dict(config)
     return AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
@@ -51,9 +53,14 @@ class DualEncoder(nn.Module):
             image_encoder.get("name_or_path"), image_encoder.get("config"), "model.image_encoder.name_or_path"
         )
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
-            vision_model.config, text_model.config, projection_dim=projection_dim, logit_scale_init_value=logit_scale_init
+            vision_model.config,
+            text_model.config,
+            projection_dim=projection_dim,
+            logit_scale_init_value=logit_scale_init,
         )
-        self.model = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)
+        self.model = VisionTextDualEncoderModel(
+            config=config, vision_model=vision_model, text_model=text_model
+        )
         self.text_pooling = text_encoder.get("pooling", "cls")
         self.image_pooling = image_encoder.get("pooling", "cls")
         for pooling in (self.text_pooling, self.image_pooling):
@@ -69,7 +76,9 @@ class DualEncoder(nn.Module):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         outputs = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         pooled = _pool(outputs, self.text_pooling, attention_mask)
         features = self.model.text_projection(pooled)
@@ -86,7 +95,7 @@ class DualEncoder(nn.Module):
 
     def export(self, out_dir: str, tokenizer, image_size: int, image_mean, image_std) -> None:
         """Save a directory that ``VisionTextDualEncoderModel``/``AutoProcessor`` load as it is."""
-        from transformers import ViTImageProcessor, VisionTextDualEncoderProcessor
+        from transformers import VisionTextDualEncoderProcessor, ViTImageProcessor
 
         if (self.text_pooling, self.image_pooling) != ("cls", "cls"):
             raise ValueError(
@@ -96,9 +105,13 @@ class DualEncoder(nn.Module):
         self.clamp_logit_scale()
         self.model.save_pretrained(out_dir)
         image_processor = ViTImageProcessor(
-            size={"height": image_size, "width": image_size}, image_mean=list(image_mean), image_std=list(image_std)
+            size={"height": image_size, "width": image_size},
+            image_mean=list(image_mean),
+            image_std=list(image_std),
         )
-        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
+        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
+            out_dir
+        )
 
 
 def _pool(outputs, pooling: str, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -24,9 +24,8 @@ def apply_extras(cfg: DictConfig) -> None:
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.data")
     if extras.get("print_config"):
-        from rich.syntax import Syntax
-
         import rich
+        from rich.syntax import Syntax
 
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
 
@@ -54,7 +53,9 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list:
         if "WandbLogger" in spec._target_:
             reason = wandb_offline_reason()
             if reason and not spec.get("offline"):
-                log.warning("W&B logs offline (%s); upload later with `wandb sync %s`.", reason, spec.save_dir)
+                log.warning(
+                    "W&B logs offline (%s); upload later with `wandb sync %s`.", reason, spec.save_dir
+                )
                 spec = OmegaConf.merge(spec, {"offline": True})
         loggers.append(instantiate(spec))
         log.info("Logger %s ready", name)
@@ -89,7 +90,9 @@ def log_hyperparameters(cfg: DictConfig, loggers: list, model: Any) -> None:
         logger.log_hyperparams(hparams)
 
 
-def final_metrics(callback_metrics: dict, prefixes: tuple[str, ...] = ("train/", "val/", "test/")) -> dict[str, float]:
+def final_metrics(
+    callback_metrics: dict, prefixes: tuple[str, ...] = ("train/", "val/", "test/")
+) -> dict[str, float]:
     """The trainer's last logged values as a flat ``{name: float}`` (``perf/`` and step-only values left out)."""
     out = {}
     for name, value in callback_metrics.items():
@@ -99,7 +102,9 @@ def final_metrics(callback_metrics: dict, prefixes: tuple[str, ...] = ("train/",
     return dict(sorted(out.items()))
 
 
-def write_metrics(output_dir: str | os.PathLike, metrics: dict[str, float], paper: dict[str, float] | None = None) -> Path:
+def write_metrics(
+    output_dir: str | os.PathLike, metrics: dict[str, float], paper: dict[str, float] | None = None
+) -> Path:
     """``metrics.json`` (flat dict) and ``metrics.md`` (a table beside the paper's numbers) in the run directory."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
