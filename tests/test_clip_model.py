@@ -143,3 +143,19 @@ def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, cap
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_export_refuses_mean_pooling_that_transformers_cannot_reproduce(tmp_path):
+    from src.modules.dual_encoder import DualEncoder
+
+    _tiny_towers(tmp_path)
+    encoder = DualEncoder(
+        {"name_or_path": str(tmp_path / "bert"), "pooling": "mean"},
+        {"name_or_path": str(tmp_path / "vit")},
+        16,
+    )
+    with pytest.raises(ValueError, match="model.text_encoder.pooling=cls"):
+        encoder.export(
+            str(tmp_path / "export"), tokenizer=None, image_size=32, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    assert not (tmp_path / "export").exists()

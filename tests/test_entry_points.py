@@ -70,12 +70,16 @@ def test_unknown_experiment_fails_with_hydras_list_of_choices():
     assert "no_such_experiment" in result.stderr and "clip_demo" in result.stderr
 
 
+# transformers' dual encoder pools with [CLS]; the exported run uses it so the export can be checked.
+EXPORTABLE = ["model.text_encoder.pooling=cls", "model.image_encoder.pooling=cls"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(synthetic_dir, tmp_path_factory):
     from train import train
 
     out = tmp_path_factory.mktemp("train_run")
-    metrics, objects = train(compose_config("train.yaml", demo_overrides(synthetic_dir), out))
+    metrics, objects = train(compose_config("train.yaml", demo_overrides(synthetic_dir, *EXPORTABLE), out))
     return out, metrics, objects
 
 
@@ -91,13 +95,27 @@ def test_train_writes_config_checkpoints_and_metrics(trained_run):
     assert "val/mrr@10" in saved and "train/loss" in saved
 
 
+def test_epoch_length_and_schedule_come_from_sizes_json(trained_run, synthetic_dir):
+    _, _, objects = trained_run
+    trainer = objects["trainer"]
+    train_samples = json.loads((synthetic_dir / "sizes.json").read_text())["train"]
+    assert trainer.num_training_batches == train_samples // 32
+    assert trainer.global_step == train_samples // 32
+    # the cosine schedule spans the whole run instead of collapsing after warmup
+    assert trainer.estimated_stepping_batches == train_samples // 32
+
+
 def test_resume_from_last_checkpoint_continues_the_run(trained_run, synthetic_dir, tmp_path):
     from train import train
 
     out, _, objects = trained_run
     steps_one_epoch = objects["trainer"].global_step
     overrides = demo_overrides(
-        synthetic_dir, "trainer.max_epochs=2", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "test=false"
+        synthetic_dir,
+        *EXPORTABLE,
+        "trainer.max_epochs=2",
+        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        "test=false",
     )
     _, resumed = train(compose_config("train.yaml", overrides, tmp_path))
     assert resumed["trainer"].current_epoch == 2
@@ -114,7 +132,10 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
     out, train_metrics, objects = trained_run
     export_dir = tmp_path / "export"
     overrides = demo_overrides(
-        synthetic_dir, f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"export_dir={export_dir}"
+        synthetic_dir,
+        *EXPORTABLE,
+        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+        f"export_dir={export_dir}",
     )
     metrics, evaluated = evaluate(compose_config("evaluate.yaml", overrides, tmp_path))
 

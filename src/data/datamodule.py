@@ -62,6 +62,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
         resample: bool = False,
         seed: int = 0,
         synthetic: dict[str, Any] | None = None,
+        precompute_features: dict[str, Any] | None = None,
         pin_memory: bool = True,
     ):
         super().__init__()
@@ -86,7 +87,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
 
     # ---- setup -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write the procedurally generated dataset once when a synthetic source is configured."""
+        """Write what the configured sources need once: the generated dataset, the precomputed text features."""
         spec = self.hparams.synthetic
         # The tokenizer is written last, so its presence means an earlier generation finished.
         complete = {"train", "val", "test"} <= set(read_sizes(spec["out_dir"])) if spec else True
@@ -95,6 +96,17 @@ class WebtoonShardDataModule(L.LightningDataModule):
 
             log.info("Generating the synthetic bilingual dataset in %s", spec["out_dir"])
             generate_synthetic_dataset(**spec)
+        self._precompute_text_features()
+
+    def _precompute_text_features(self) -> None:
+        """Encode every caption once (thesis ch. III) when ``precompute_features`` is set; resumes if interrupted."""
+        spec = self.hparams.precompute_features
+        if not spec or {"train", "val", "test"} <= set(read_sizes(spec["out_dir"])):
+            return
+        from src.data.text_features import TextFeatureEncoder, precompute_text_features
+
+        log.info("Precomputing text features of %s into %s", spec["shards"], spec["out_dir"])
+        precompute_text_features(spec["shards"], spec["out_dir"], TextFeatureEncoder(**spec["encoder"]))
 
     @property
     def tokenizer(self):
@@ -196,7 +208,9 @@ class WebtoonShardDataModule(L.LightningDataModule):
         )
         # Each worker yields its share of a fixed number of batches, so every rank runs the same
         # number of steps whatever the shard sizes (open_clip's recipe).
-        pipeline = pipeline.with_epoch(math.ceil(batches / max(1, workers)))
+        per_worker = math.ceil(batches / max(1, workers))
+        # with_length lets Lightning know the epoch (progress bar, schedules over estimated_stepping_batches).
+        pipeline = pipeline.with_epoch(per_worker).with_length(per_worker * max(1, workers), silent=True)
         return self._loader(pipeline, workers)
 
     def val_dataloader(self) -> DataLoader:

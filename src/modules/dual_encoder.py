@@ -63,9 +63,12 @@ class DualEncoder(nn.Module):
         )
         self.text_pooling = text_encoder.get("pooling", "cls")
         self.image_pooling = image_encoder.get("pooling", "cls")
-        for pooling in (self.text_pooling, self.image_pooling):
+        for pooling, tower in ((self.text_pooling, text_model), (self.image_pooling, vision_model)):
             if pooling not in ("cls", "mean"):
                 raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+            if pooling == "mean" and getattr(tower, "pooler", None) is not None:
+                # The [CLS] pooler gets no gradient under mean pooling; frozen, DDP does not wait for it.
+                tower.pooler.requires_grad_(False)
 
     @property
     def logit_scale(self) -> torch.Tensor:
