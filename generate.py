@@ -49,7 +49,7 @@ def load_gan_from_checkpoint(
             f"{path}: hyper_parameters lack the {missing} config(s) (dicts with _target_) needed to rebuild the "
             f"networks; found keys {sorted(hparams)}."
         )
-    return cls.load_from_checkpoint(path, map_location=map_location, **networks)
+    return cls.load_from_checkpoint(path, map_location=map_location, weights_only=False, **networks)
 
 
 def generate_images(
