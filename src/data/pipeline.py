@@ -106,12 +106,8 @@ def decode_record(record: dict) -> WebtoonSample:
             raise ValueError("metadata is not an object")
     except ValueError as error:
         raise CorruptSample("bad_json", f"{key}: {error}") from error
-    captions_en = list(meta.get("captions_en", []))
-    if "txt" in record:  # img2dataset keeps its one caption in .txt
-        captions_en.append(record["txt"].decode("utf-8").strip())
-    elif not captions_en and isinstance(meta.get("caption"), str):
-        captions_en.append(meta["caption"])
-    captions_ko = list(meta.get("captions_ko", meta.get("caption_ko", [])))
+    txt = record["txt"].decode("utf-8") if "txt" in record else None
+    captions_en, captions_ko = read_captions(meta, txt)
     features = decode_npy(record["txtfeat.npy"]) if "txtfeat.npy" in record else None
     return WebtoonSample(
         key=key,
@@ -123,6 +119,17 @@ def decode_record(record: dict) -> WebtoonSample:
         text_features=features,
         feature_captions=meta.get("feature_captions"),
     )
+
+
+def read_captions(meta: dict, txt: str | None = None) -> tuple[list[str], list[str]]:
+    """English and Korean captions of a record: our json, or img2dataset's ``.txt`` / json ``caption``."""
+    captions_en = list(meta.get("captions_en") or [])
+    if txt is not None:  # img2dataset keeps its one caption in .txt
+        captions_en.append(txt.strip())
+    elif not captions_en and isinstance(meta.get("caption"), str):
+        captions_en.append(meta["caption"])
+    captions_ko = list(meta.get("captions_ko", meta.get("caption_ko")) or [])
+    return captions_en, captions_ko
 
 
 def decode_stage(

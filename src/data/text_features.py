@@ -28,6 +28,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from src.data import pipeline
+from src.data.pipeline import read_captions
 from src.data.schema import encode_npy
 from src.data.shards import update_sizes
 from src.utils.hub import from_pretrained
@@ -188,12 +190,7 @@ def caption_rows(metadata: dict[str, Any], txt: str | None = None) -> tuple[list
 
     Reads captions as ``src.data.pipeline.decode_record`` does, img2dataset's ``.txt`` / ``caption`` included.
     """
-    english = list(metadata.get("captions_en") or [])
-    if txt is not None:
-        english.append(txt.strip())
-    elif not english and isinstance(metadata.get("caption"), str):
-        english.append(metadata["caption"])
-    korean = metadata.get("captions_ko", metadata.get("caption_ko")) or []
+    english, korean = read_captions(metadata, txt)
     captions: list[str] = []
     languages: list[str] = []
     for lang, values in (("en", english), ("ko", korean)):
@@ -207,19 +204,13 @@ def caption_rows(metadata: dict[str, Any], txt: str | None = None) -> tuple[list
 
 
 def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Shard paths from brace patterns (``train-{000000..000003}.tar``), globs or a list of either."""
-    import glob
-
-    from braceexpand import braceexpand
-
-    patterns = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
-    paths: list[Path] = []
-    for pattern in patterns:
-        for expanded in braceexpand(str(pattern)):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-            if not matches or not all(os.path.isfile(m) for m in matches):
-                raise FileNotFoundError(f"No shard matches '{expanded}' (from shards='{pattern}').")
-            paths += [Path(m) for m in matches]
+    """Shard paths from brace patterns or globs, refusing two inputs with one file name (outputs reuse names)."""
+    paths = [
+        Path(url)
+        for url in pipeline.expand_shards(
+            [str(s) for s in ([shards] if isinstance(shards, str | os.PathLike) else shards)]
+        )
+    ]
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(
