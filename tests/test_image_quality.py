@@ -340,3 +340,30 @@ def test_generate_from_checkpoint(tmp_path, monkeypatch):
     first = (tmp_path / "out" / "000_0.png").read_bytes()
     generate_from_config(cfg)
     assert (tmp_path / "out" / "000_0.png").read_bytes() == first
+
+
+def test_small_extractor_inception_score_separates_diverse_from_identical_images(synthetic_dir):
+    """The demo IS must move: varied drawings score well above a set of one repeated image."""
+    import io
+    import tarfile
+
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from src.metrics.image_quality import ImageQuality
+
+    images = []
+    with tarfile.open(next(synthetic_dir.glob("train-*.tar"))) as tar:
+        for member in tar:
+            if member.name.endswith(".jpg"):
+                images.append(
+                    pil_to_tensor(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                )
+    diverse = torch.stack(images[:24])
+    repeated = diverse[:1].expand(24, -1, -1, -1)
+    scores = []
+    for fake in (diverse, repeated):
+        metric = ImageQuality(build_feature_extractor("small"), splits=2)
+        metric.update(diverse, real=True)
+        metric.update(fake, real=False)
+        scores.append(metric.compute()["is"])
+    assert scores[0] > 1.2 and scores[1] == pytest.approx(1.0, abs=1e-3)

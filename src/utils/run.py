@@ -21,6 +21,8 @@ def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # the training pipeline sets its length on purpose: each worker yields an exact share of the epoch
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.data")
     if extras.get("print_config"):
