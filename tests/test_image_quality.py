@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,9 @@ from PIL import Image
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from src.callbacks.image_quality import ImageQualityMetrics  # noqa: E402
-from src.callbacks.sample_grid import CaptionSampleGrid  # noqa: E402
-from src.metrics.image_quality import (  # noqa: E402
+from src.callbacks.image_quality import ImageQualityMetrics
+from src.callbacks.sample_grid import CaptionSampleGrid
+from src.metrics.image_quality import (
     INCEPTION_WEIGHTS_FILE,
     FeatureOutput,
     ImageQuality,

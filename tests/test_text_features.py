@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from src.data.schema import WebtoonSample, decode_npy  # noqa: E402
-from src.data.shards import read_sizes, write_shards  # noqa: E402
-from src.data.text_features import (  # noqa: E402
+from src.data.schema import WebtoonSample, decode_npy
+from src.data.shards import read_sizes, write_shards
+from src.data.text_features import (
     METADATA_FILE,
     SAVED_ENCODER_DIR,
     TextFeatureEncoder,
@@ -25,7 +22,7 @@ from src.data.text_features import (  # noqa: E402
     load_text_encoder_from_features,
     precompute_text_features,
 )
-from src.utils.hub import MissingWeightsError  # noqa: E402
+from src.utils.hub import MissingWeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT = {
