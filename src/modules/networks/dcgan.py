@@ -1,8 +1,10 @@
 """Text-conditioned DCGAN generator and discriminator of thesis chapter III (GAN-INT-CLS, Reed et al. 2016).
 
 Both networks take the precomputed multilingual-BERT sentence vector ([CLS] last hidden state) and first
-project it to a small embedding (Linear + LeakyReLU 0.2), as Reed et al. do, so the 768-d vector does not
-dominate the 100-d noise.
+project it to a small embedding (Linear + batch norm + LeakyReLU 0.2), as Reed et al.'s code does, so the
+768-d vector does not dominate the 100-d noise. The batch norm matters: sentence vectors of different captions
+are nearly parallel (cosine ~0.99: they share most words), and normalising across the batch turns their small
+differences into inputs of unit scale; without it the demo generator ignored its text.
 
 How the thesis' "6 blocks" are counted at 64×64 (Fig. 11 of the thesis):
 
@@ -48,7 +50,9 @@ def _num_doublings(image_size: int) -> int:
 
 def _text_projection(text_dim: int, text_embed_dim: int) -> nn.Sequential:
     # Reed et al. 2016 compress the sentence vector before conditioning both networks on it.
-    return nn.Sequential(nn.Linear(text_dim, text_embed_dim), nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(
+        nn.Linear(text_dim, text_embed_dim), nn.BatchNorm1d(text_embed_dim), nn.LeakyReLU(0.2, inplace=True)
+    )
 
 
 class WebtoonGenerator(nn.Module):
