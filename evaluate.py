@@ -64,6 +64,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
                 )
             model.export(cfg.export_dir, datamodule)
             log.info("Exported to %s", cfg.export_dir)
+        if cfg.get("text_encoder_export_dir"):
+            model.export_text_encoder(cfg.text_encoder_export_dir, datamodule)
+            log.info("Text tower exported to %s", cfg.text_encoder_export_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 

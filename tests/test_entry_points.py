@@ -136,6 +136,7 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
         *EXPORTABLE,
         f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
         f"export_dir={export_dir}",
+        f"text_encoder_export_dir={tmp_path / 'text_encoder'}",
     )
     metrics, evaluated = evaluate(compose_config("evaluate.yaml", overrides, tmp_path))
 
@@ -165,6 +166,15 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
     assert torch.allclose(theirs.image_embeds, ours_image, atol=1e-5)
 
     from transformers import pipeline
+
+    # The text tower alone serves as a sentence encoder (e.g. for the DCGAN's precomputed features).
+    from src.data.text_features import TextFeatureEncoder
+
+    sentence_encoder = TextFeatureEncoder(name_or_path=str(tmp_path / "text_encoder"), pooling="cls")
+    with torch.no_grad():
+        ids = processor.tokenizer(captions[:1], return_tensors="pt")["input_ids"]
+        expected = model.encoder.model.text_model(input_ids=ids).last_hidden_state[0, 0]
+    assert torch.allclose(sentence_encoder.encode(captions[:1])[0], expected, atol=1e-5)
 
     classify = pipeline("zero-shot-image-classification", model=str(export_dir))
     result = classify(image, candidate_labels=captions)

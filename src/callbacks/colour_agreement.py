@@ -13,7 +13,7 @@ from src.data.synthetic import COLOURS, colour_caption_set, dominant_colour
 
 
 class CaptionColourAgreement(L.Callback):
-    """At test end: generate ``num_per_caption`` images per fixed caption and log ``test/colour_match_{en,ko}``."""
+    """After each validation and at test end: generate ``num_per_caption`` images per fixed caption and log ``test/colour_match_{en,ko}``."""
 
     def __init__(self, features_dir: str | os.PathLike, num_per_caption: int = 16, seed: int = 0):
         super().__init__()
@@ -41,6 +41,13 @@ class CaptionColourAgreement(L.Callback):
         scores["colour_match_chance"] = 1 / len(COLOURS)
         return scores
 
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # a curve over training: does caption-following grow with it?
+            self._log(pl_module, "val")
+
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
+
+    def _log(self, pl_module: L.LightningModule, stage: str) -> None:
         for name, value in self.colour_match(pl_module).items():
-            pl_module.log(f"test/{name}", value, sync_dist=True)
+            pl_module.log(f"{stage}/{name}", value, sync_dist=True)

@@ -134,6 +134,11 @@ class WebtoonCLIP(L.LightningModule):
         hp = datamodule.hparams
         self.encoder.export(out_dir, datamodule.tokenizer, hp.image_size, hp.image_mean, hp.image_std)
 
+    def export_text_encoder(self, out_dir: str, datamodule) -> None:
+        """The trained text tower and its tokenizer alone (any pooling), e.g. as the DCGAN's sentence encoder."""
+        self.encoder.model.text_model.save_pretrained(out_dir)
+        datamodule.tokenizer.save_pretrained(out_dir)
+
     def write_analyses(self, datamodule, out_dir, callbacks=()) -> dict:
         """Similarity table, PCA plot, retrieval grid, zero-shot labels and the image index of the test split."""
         from src.modules.clip_analysis import write_clip_report
