@@ -61,9 +61,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
         metrics.update(final_metrics(trainer.callback_metrics, prefixes=("test/",)))
 
-    if datamodule.skipped if hasattr(datamodule, "skipped") else False:
-        log.warning("Skipped corrupt samples: %s", dict(datamodule.skipped))
-        metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skipped.items()})
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped:
+        log.warning("Skipped corrupt samples: %s", dict(skipped))
+        metrics.update({f"data/skipped_{k}": float(v) for k, v in skipped.items()})
     if trainer.is_global_zero:
         path = write_metrics(output_dir, metrics, cfg.get("paper_metrics"))
         log.info("Metrics written to %s", path)
