@@ -23,11 +23,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     from hydra.utils import instantiate
 
     from src.utils.run import (
-        apply_extras,
         final_metrics,
         instantiate_callbacks,
         instantiate_loggers,
-        save_config,
+        start_run,
         write_metrics,
     )
 
@@ -35,10 +34,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         raise FileNotFoundError(
             f"ckpt_path={cfg.ckpt_path} is not a file: point it at a checkpoint written by train.py."
         )
-    apply_extras(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    save_config(cfg, output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    output_dir = start_run(cfg)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

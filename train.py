@@ -25,19 +25,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     from hydra.utils import instantiate
 
     from src.utils.run import (
-        apply_extras,
         final_metrics,
         instantiate_callbacks,
         instantiate_loggers,
         log_hyperparameters,
-        save_config,
+        start_run,
         write_metrics,
     )
 
-    apply_extras(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    save_config(cfg, output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    output_dir = start_run(cfg)
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

@@ -32,6 +32,17 @@ def apply_extras(cfg: DictConfig) -> None:
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
 
 
+def start_run(cfg: DictConfig) -> Path:
+    """What every entry point does first: extras, the resolved config in the run directory, seeds; returns that directory."""
+    import lightning as L
+
+    apply_extras(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    save_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    return output_dir
+
+
 def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
     """The resolved config beside the run's results (Hydra's .hydra/ keeps the unresolved one)."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
