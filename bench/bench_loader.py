@@ -45,8 +45,7 @@ def ours(data_dir: Path, image_size: int, workers: int, batch_size: int, split: 
         val_shards=str(data_dir / "train-*.tar"),
         batch_size=batch_size,
         num_workers=workers,
-        image_size=image_size,
-        tokenizer=str(data_dir / "tokenizer"),
+        preprocess={"image_size": image_size, "tokenizer": str(data_dir / "tokenizer")},
         train_samples=samples,
     )
     # train: one caption per image (what a training step reads); val: every caption of every image tokenized,
@@ -63,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    from src.data.synthetic import generate_synthetic_dataset
+    from src.demo.synthetic import generate_synthetic_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)

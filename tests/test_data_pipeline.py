@@ -14,20 +14,16 @@ import torch
 from conftest import make_samples
 
 from src.data.datamodule import WebtoonShardDataModule
-from src.data.pipeline import SKIPPED_KEY, decode_record, shard_pipeline
+from src.data.pipeline import SKIPPED_KEY, DataStarvationError, decode_record, shard_pipeline
 from src.data.shards import read_sizes, write_shards
 
 
 def _datamodule(tmp_path, **kwargs) -> WebtoonShardDataModule:
     defaults = dict(
-        train_shards=str(tmp_path / "train-*.tar"),
-        val_shards=str(tmp_path / "val-*.tar"),
-        test_shards=str(tmp_path / "test-*.tar"),
+        root=str(tmp_path),
         batch_size=4,
         num_workers=0,
-        image_size=16,
-        image_mean=(0.0, 0.0, 0.0),
-        image_std=(1.0, 1.0, 1.0),
+        preprocess={"image_size": 16, "image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]},
     )
     return WebtoonShardDataModule(**(defaults | kwargs))
 
@@ -97,11 +93,14 @@ def test_corrupt_samples_are_skipped_counted_and_never_fatal(tmp_path):
     assert datamodule.skipped == Counter(bad_image=1, bad_json=1, no_caption=1, no_image=1)
 
 
-def test_korean_only_training_draws_korean_captions_and_fixed_epoch_length(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_korean_only_training_draws_korean_captions_and_exact_epoch_length(tmp_path, workers):
     write_shards(make_samples(40), tmp_path, "train", samples_per_shard=7)
-    datamodule = _datamodule(tmp_path, languages=["ko"], batch_size=8)
-    batches = _iterate(datamodule.train_dataloader())
-    assert len(batches) == 40 // 8
+    datamodule = _datamodule(tmp_path, languages=["ko"], batch_size=8, num_workers=workers)
+    loader = datamodule.train_dataloader()
+    batches = _iterate(loader)
+    # 5 batches, also with 2 workers (3 + 2), not rounded up to a multiple of the worker count
+    assert len(batches) == len(loader) == 40 // 8
     assert all(len(b["key"]) == 8 for b in batches)
     for batch in batches:
         for key, caption in zip(batch["key"], batch["caption"], strict=True):
@@ -190,3 +189,99 @@ def test_text_features_and_mismatched_text_in_batches(tmp_path):
 def test_missing_shards_fail_with_a_clear_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
         _datamodule(tmp_path).val_dataloader()
+
+
+def test_root_is_a_directory_of_split_shards(tmp_path):
+    write_shards(make_samples(6), tmp_path, "val", samples_per_shard=4)
+    write_shards(make_samples(5, prefix="t"), tmp_path, "test", samples_per_shard=4)
+    datamodule = _datamodule(tmp_path)
+    assert datamodule.num_samples("val") == 6 and datamodule.num_samples("test") == 5
+    assert [k for b in _iterate(datamodule.test_dataloader()) for k in b["key"]] == [
+        f"t{i:05d}" for i in range(5)
+    ]
+    explicit = _datamodule(tmp_path, test_shards=str(tmp_path / "val-*.tar"))
+    assert len([k for b in _iterate(explicit.test_dataloader()) for k in b["key"]]) == 6
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_on_data_with_nothing_usable_stops_with_the_reason_and_the_setting(tmp_path, workers):
+    english_only = make_samples(30)
+    for sample in english_only:
+        sample.captions_ko = []
+    write_shards(english_only, tmp_path, "train", samples_per_shard=10)
+    datamodule = _datamodule(
+        tmp_path,
+        languages=["ko"],
+        num_workers=workers,
+        skip_policy={"max_records_without_sample": 100},
+    )
+    with pytest.raises(DataStarvationError) as error:
+        _iterate(datamodule.train_dataloader())
+    message = str(error.value)
+    assert "none of the last 100 records" in message and "no_caption=100" in message
+    assert "data.languages" in message and "data.skip_policy.max_records_without_sample" in message
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_high_skip_ratio_stops_the_run(tmp_path, workers):
+    records = []
+    for i, sample in enumerate(make_samples(40)):
+        records += _good_record(sample)
+        if i % 4:  # 3 of every 4 good records are followed by a broken one: 43% skipped
+            records += [(f"bad{i}", "jpg", b"not an image"), (f"bad{i}", "json", b"{}")]
+    _tar_with(tmp_path / "train-000000.tar", records[: len(records) // 2])
+    _tar_with(tmp_path / "train-000001.tar", records[len(records) // 2 :])
+    (tmp_path / "sizes.json").write_text(json.dumps({"train": 40}))
+    # No shuffle buffer: records come in file order, so every window of 20 holds about 43 % broken ones.
+    options = dict(num_workers=workers, shuffle_buffer=1)
+    strict = _datamodule(tmp_path, **options, skip_policy={"max_skip_ratio": 0.3, "window": 20})
+    with pytest.raises(DataStarvationError, match=r"bad_image=\d+.*max_skip_ratio"):
+        _iterate(strict.train_dataloader(), strict)
+    tolerant = _datamodule(tmp_path, **options, skip_policy={"max_skip_ratio": 0.6, "window": 20})
+    assert len(_iterate(tolerant.train_dataloader(), tolerant)) == 10
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_healthy_run_that_skips_logs_periodic_summaries_by_reason(tmp_path, workers, caplog):
+    records = []
+    for i, sample in enumerate(make_samples(24)):
+        records += _good_record(sample)
+        if i % 6 == 0:
+            records += [(f"bad{i}", "jpg", b"not an image"), (f"bad{i}", "json", b"{}")]
+        if i % 6 == 3:
+            records += [(f"nojson{i}", "jpg", sample.to_record()["jpg"]), (f"nojson{i}", "json", b"[1]")]
+    _tar_with(tmp_path / "train-000000.tar", records[: len(records) // 2])
+    _tar_with(tmp_path / "train-000001.tar", records[len(records) // 2 :])
+    (tmp_path / "sizes.json").write_text(json.dumps({"train": 24}))
+    datamodule = _datamodule(tmp_path, num_workers=workers, skip_policy={"summary_every_s": 0})
+    with caplog.at_level("WARNING", logger="src.data.datamodule"):
+        for _ in range(2):  # two epochs
+            _iterate(datamodule.train_dataloader(), datamodule)
+    summaries = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(summaries) >= 2
+    assert "bad_image=" in summaries[-1] and "bad_json=" in summaries[-1]
+    assert sum(datamodule.skipped.values()) == int(summaries[-1].split("skipped ")[1].split(" ")[0])
+
+
+def test_empty_shards_stop_an_endless_training_stream(tmp_path):
+    _tar_with(tmp_path / "train-000000.tar", [])
+    _tar_with(tmp_path / "train-000001.tar", [])
+    datamodule = _datamodule(tmp_path, train_samples=8)
+    with pytest.raises(DataStarvationError, match="2 shards in a row held no record"):
+        _iterate(datamodule.train_dataloader())
+
+
+def test_a_caption_without_its_feature_row_is_skipped_not_fatal(tmp_path):
+    import numpy as np
+
+    samples = make_samples(4)
+    for sample in samples:
+        sample.feature_captions = sample.captions()
+        sample.text_features = np.zeros((4, 3), dtype=np.float32)
+    samples[1].feature_captions = ["a caption the sample does not have"] * 4
+    samples[2].text_features = np.zeros((1, 3), dtype=np.float32)  # fewer rows than captions
+    write_shards(samples, tmp_path, "val", samples_per_shard=10)
+    datamodule = _datamodule(tmp_path, text_features=True)
+    batches = _iterate(datamodule.val_dataloader(), datamodule)
+    assert [k for b in batches for k in b["key"]] == [samples[0].key, samples[3].key]
+    assert datamodule.skipped == Counter(bad_text_features=2)

@@ -232,18 +232,24 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, saved_encoder_dir):
     assert read_sizes(tmp_path / "out") == {"val": 3}
 
 
-def test_truncated_shard_keeps_readable_samples(tmp_path, saved_encoder_dir):
+def test_a_shard_that_fails_half_way_is_not_marked_done_and_a_rerun_redoes_it(tmp_path, saved_encoder_dir):
     source = tmp_path / "source"
-    write_shards(make_samples(6), source, "val", samples_per_shard=10)
-    data = (source / "val-000000.tar").read_bytes()
-    (source / "val-000000.tar").write_bytes(data[: len(data) * 2 // 3])
+    write_shards(make_samples(6), source, "val", samples_per_shard=3)
+    intact = (source / "val-000001.tar").read_bytes()
+    (source / "val-000001.tar").write_bytes(intact[: len(intact) * 2 // 3])
     encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir)
-    with pytest.warns(UserWarning, match="1 damaged shards"):
-        stats = precompute_text_features(
-            str(source / "val-000000.tar"), tmp_path / "out", encoder, progress=False
-        )
-    assert stats["shards_truncated"] == 1 and 0 < stats["samples_written"] < 6
-    assert read_sizes(tmp_path / "out") == {"val": stats["samples_written"]}
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="not written: .*val-000001.tar"):
+        precompute_text_features(str(source / "val-*.tar"), out, encoder, progress=False)
+    assert (out / "val-000000.tar").is_file()  # the readable shard is done
+    assert not (out / "val-000001.tar").exists() and not list(out.glob("*.tmp"))
+    assert "val" not in read_sizes(out)  # the split is not complete, so nothing reads it as such
+
+    (source / "val-000001.tar").write_bytes(intact)  # the input is repaired
+    stats = precompute_text_features(str(source / "val-*.tar"), out, encoder, progress=False)
+    assert (stats["shards_skipped"], stats["shards_written"]) == (1, 1)
+    assert read_sizes(out) == {"val": 6}
+    assert set(read_output(out / "val-000001.tar")) == {"s0003", "s0004", "s0005"}
 
 
 def test_out_dir_must_differ_from_input_dir(shard_dir, saved_encoder_dir):

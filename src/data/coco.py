@@ -19,12 +19,11 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from src.data.schema import WebtoonSample
+from src.data.schema import SPLITS, WebtoonSample
 from src.data.shards import forget_splits, remove_split_shards, write_shards
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 COCO_URL = "https://cocodataset.org/#download (2014 Train/Val images and 2014 Train/Val annotations)"
 AIHUB_URL = (
     "AI Hub (https://aihub.or.kr), the Korean MSCOCO caption data set (MSCOCO 한국어 이미지 설명 데이터셋)"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
+import multiprocessing
 import random
+import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,94 +16,104 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from src.data.pipeline import (
     SKIPPED_KEY,
     SharedEpoch,
+    SizedPipeline,
+    SkipPolicy,
     choose_caption,
+    describe_skips,
     expand_shards,
     feature_row,
     features_of,
     shard_pipeline,
+    worker_share,
 )
-from src.data.schema import LANGUAGES, WebtoonSample
+from src.data.preprocess import Preprocess
+from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import read_sizes
 
 log = logging.getLogger(__name__)
 
+# Loader workers are forked where the platform can (their pipeline stages are closures, which spawn must pickle).
+WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
 
 class WebtoonShardDataModule(L.LightningDataModule):
-    """Reads ``data.{train,val,test}_shards`` and yields batches for CLIP, the GAN and diffusion fine-tuning.
+    """Reads the shards of ``root`` (or ``{train,val,test}_shards``) into batches for every module.
 
     A training batch holds ``image`` [B,3,H,W], ``caption`` (one random caption per image, drawn anew
-    each epoch from ``languages``), ``key``, and when a tokenizer is set ``input_ids``/``attention_mask``.
-    With ``text_features=True`` it also holds the caption's precomputed vector ``text_features`` and
-    ``wrong_text_features``, the vector of another sample's caption (the GAN's mismatched text).
-    Evaluation batches also carry every caption of every image (``all_captions`` and their tokens with
-    ``caption_image_index``), because retrieval treats each caption as a query.
+    each epoch from ``languages``), ``key``, and when the model's preprocessing names a tokenizer,
+    ``input_ids``/``attention_mask``. With ``text_features=True`` it also holds the caption's precomputed
+    vector ``text_features`` and ``wrong_text_features``, the vector of another sample's caption (the GAN's
+    mismatched text). Evaluation batches also carry every caption of every image (``all_captions`` and their
+    tokens with ``caption_image_index``), because retrieval treats each caption as a query.
     """
 
     def __init__(
         self,
+        root: str | None = None,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         test_shards: str | list[str] | None = None,
+        preprocess: Preprocess | dict[str, Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
-        image_size: int = 224,
-        image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-        image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
-        languages: list[str] = LANGUAGES,
-        tokenizer: str | None = None,
-        max_length: int = 64,
+        languages: Sequence[str] = LANGUAGES,
         text_features: bool = False,
         train_samples: int | None = None,
         shuffle_buffer: int = 1000,
         resample: bool = False,
         seed: int = 0,
-        synthetic: dict[str, Any] | None = None,
+        skip_policy: dict[str, Any] | None = None,
+        builders: dict[str, Callable[[], Any]] | None = None,
         precompute_features: dict[str, Any] | None = None,
         pin_memory: bool = True,
     ):
+        """``root``: a directory of ``{split}-*.tar`` shards; an explicit ``{split}_shards`` pattern wins.
+
+        ``preprocess`` is the model's (``${model.preprocess}`` in the configs). ``builders`` are called once,
+        in order, before reading, to write inputs that are missing (the demo generates its dataset that way).
+        """
         super().__init__()
         unknown = set(languages) - set(LANGUAGES)
         if unknown or not languages:
             raise ValueError(
                 f"data.languages must be a non-empty subset of {list(LANGUAGES)}, got {languages}"
             )
-        self.save_hyperparameters(logger=False)
+        # Builders are code, not settings: kept out of the checkpoint, which stays weights_only-loadable.
+        self.save_hyperparameters(ignore=["builders", "preprocess"], logger=False)
+        self.preprocess = Preprocess.of(preprocess)
+        self.skip_policy = SkipPolicy(**(skip_policy or {}))
+        # A builder set to null in a config (an experiment that needs no such input) is dropped.
+        self.builders = {name: build for name, build in (builders or {}).items() if build is not None}
+        self.shards = {split: self._shards_of(split) for split in SPLITS}
+        self.transform = self.preprocess.image_transform()
         self.epoch = SharedEpoch()
         self.skipped: Counter[str] = Counter()
-        self._tokenizer = None
-        self.transform = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(image_size, antialias=True),
-                v2.CenterCrop(image_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(image_mean), list(image_std)),
-            ]
-        )
+        self._delivered = 0
+        self._last_summary: tuple[float, int] | None = None
+
+    def _shards_of(self, split: str) -> str | list[str] | None:
+        explicit = self.hparams[f"{split}_shards"]
+        if explicit:
+            return explicit
+        return str(Path(self.hparams.root) / f"{split}-*.tar") if self.hparams.root else None
 
     # ---- setup -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Write what the configured sources need once: the generated dataset, the precomputed text features."""
-        spec = self.hparams.synthetic
-        # The tokenizer is written last, so its presence means an earlier generation finished.
-        complete = {"train", "val", "test"} <= set(read_sizes(spec["out_dir"])) if spec else True
-        if spec and not (complete and (Path(spec["out_dir"]) / "tokenizer" / "vocab.txt").exists()):
-            from src.data.synthetic import generate_synthetic_dataset
-
-            log.info("Generating the synthetic bilingual dataset in %s", spec["out_dir"])
-            generate_synthetic_dataset(**spec)
+        """Write what the configured sources need once: missing inputs (builders), precomputed text features."""
+        for name, build in self.builders.items():
+            log.debug("data builder %s", name)
+            build()
         self._precompute_text_features()
 
     def _precompute_text_features(self) -> None:
         """Encode every caption once (thesis ch. III) when ``precompute_features`` is set; resumes if interrupted."""
         spec = self.hparams.precompute_features
-        if not spec or {"train", "val", "test"} <= set(read_sizes(spec["out_dir"])):
+        if not spec or set(SPLITS) <= set(read_sizes(spec["out_dir"])):
             return
         from src.data.text_features import TextFeatureEncoder, precompute_text_features
 
@@ -110,24 +122,15 @@ class WebtoonShardDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None and self.hparams.tokenizer:
-            from transformers import AutoTokenizer
-
-            from src.utils.hub import from_pretrained
-
-            self._tokenizer = from_pretrained(
-                AutoTokenizer.from_pretrained, str(self.hparams.tokenizer), "data.tokenizer"
-            )
-        return self._tokenizer
+        return self.preprocess.loaded_tokenizer
 
     def num_samples(self, split: str) -> int | None:
         """Samples in a split: the setting for train, else ``sizes.json`` beside the shards."""
         if split == "train" and self.hparams.train_samples:
             return int(self.hparams.train_samples)
-        shards = self.hparams[f"{split}_shards"]
-        if not shards:
+        if not self.shards[split]:
             return None
-        first = expand_shards(shards)[0]
+        first = expand_shards(self.shards[split])[0]
         return read_sizes(Path(first).parent).get(split)
 
     # ---- per-sample preparation (runs in the DataLoader workers) -----------------------------------
@@ -142,18 +145,19 @@ class WebtoonShardDataModule(L.LightningDataModule):
         item = self._prepare_train(sample)
         captions = sample.captions(self.hparams.languages)
         item["all_captions"] = captions
+        item["all_languages"] = [lang for lang in self.hparams.languages for _ in sample.captions([lang])]
         if self.hparams.text_features:
             item["all_text_features"] = features_of(sample, [feature_row(sample, c) for c in captions])
         return item
 
     def _collate(self, items: list[dict], evaluation: bool) -> dict:
         batch: dict[str, Any] = {
-            "image": torch.stack([item["image"] for item in items]),
+            "image": self.preprocess.normalize(torch.stack([item["image"] for item in items])),
             "caption": [item["caption"] for item in items],
             "key": [item["key"] for item in items],
         }
         if self.tokenizer is not None:
-            batch.update(self._tokenize(batch["caption"]))
+            batch.update(self.preprocess.tokenize(batch["caption"]))
         if self.hparams.text_features:
             features = torch.from_numpy(np.stack([item["text_features"] for item in items]))
             batch["text_features"] = features
@@ -163,11 +167,12 @@ class WebtoonShardDataModule(L.LightningDataModule):
         if evaluation:
             captions = [c for item in items for c in item["all_captions"]]
             batch["all_captions"] = captions
+            batch["all_languages"] = [lang for item in items for lang in item["all_languages"]]
             batch["caption_image_index"] = torch.tensor(
                 [i for i, item in enumerate(items) for _ in item["all_captions"]], dtype=torch.long
             )
             if self.tokenizer is not None:
-                tokens = self._tokenize(captions)
+                tokens = self.preprocess.tokenize(captions)
                 batch["all_input_ids"], batch["all_attention_mask"] = (
                     tokens["input_ids"],
                     tokens["attention_mask"],
@@ -177,12 +182,6 @@ class WebtoonShardDataModule(L.LightningDataModule):
                     np.concatenate([item["all_text_features"] for item in items])
                 )
         return batch
-
-    def _tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.hparams.max_length, return_tensors="pt"
-        )
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
     # ---- loaders -----------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -194,7 +193,6 @@ class WebtoonShardDataModule(L.LightningDataModule):
                 "Set data.train_samples or put a sizes.json with a 'train' count beside the shards."
             )
         batches = max(1, samples // (self.hparams.batch_size * world_size))
-        workers = self.hparams.num_workers
         pipeline = shard_pipeline(
             shards,
             self._prepare_train,
@@ -205,27 +203,29 @@ class WebtoonShardDataModule(L.LightningDataModule):
             epoch=self.epoch,
             shuffle_buffer=self.hparams.shuffle_buffer,
             resample=self.hparams.resample,
+            skip_policy=self.skip_policy,
         )
-        # Each worker yields its share of a fixed number of batches, so every rank runs the same
-        # number of steps whatever the shard sizes (open_clip's recipe).
-        per_worker = math.ceil(batches / max(1, workers))
-        # with_length lets Lightning know the epoch (progress bar, schedules over estimated_stepping_batches).
-        pipeline = pipeline.with_epoch(per_worker).with_length(per_worker * max(1, workers), silent=True)
-        return self._loader(pipeline, workers)
+        # The workers' shares add up to exactly `batches`, so every rank runs the same number of steps
+        # whatever the shard sizes (open_clip's recipe), and Lightning knows the epoch length
+        # (progress bar, schedules over estimated_stepping_batches).
+        pipeline = SizedPipeline(pipeline.compose(worker_share(batches)), batches)
+        return self._loader(pipeline, self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self.eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_dataloader("test")
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Every sample of ``split`` exactly once (across ranks and workers), with all its captions."""
         pipeline = shard_pipeline(
             self._require(split),
             self._prepare_eval,
             partial(self._collate, evaluation=True),
             self.hparams.eval_batch_size or self.hparams.batch_size,
             training=False,
+            skip_policy=self.skip_policy,
         )
         return self._loader(pipeline, self.hparams.num_workers)
 
@@ -237,26 +237,54 @@ class WebtoonShardDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            # Forked workers inherit the pipeline's closures; under `ddp_spawn` Python would otherwise spawn
+            # them too and have to pickle every stage.
+            multiprocessing_context=WORKER_START if workers > 0 else None,
         )
 
     def _require(self, split: str) -> str | list[str]:
-        shards = self.hparams[f"{split}_shards"]
-        if not shards:
+        if not self.shards[split]:
             raise ValueError(
-                f"data.{split}_shards is not set: point it at the {split} shards (brace or glob)."
+                f"No {split} shards: set data.root (a directory of {split}-*.tar shards) or data.{split}_shards."
             )
-        return shards
+        return self.shards[split]
 
     # ---- bookkeeping in the main process -----------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        self.skipped.update(batch.pop(SKIPPED_KEY, {}))
+        skipped = batch.pop(SKIPPED_KEY, {})
+        self.skipped.update(skipped)
+        self._delivered += len(batch["image"])
+        if skipped or self._last_summary is not None:
+            self._summarise_skips()
         if self.trainer is not None and self.trainer.training:
             # Workers of the next epoch read this when they start: a new shard order every epoch.
             self.epoch.set(self.trainer.current_epoch + 1)
         return batch
+
+    def _summarise_skips(self) -> None:
+        """Log the skip counts by reason now and then while a run skips (across all workers)."""
+        total = sum(self.skipped.values())
+        now = time.monotonic()
+        if self._last_summary is not None:
+            last_time, last_total = self._last_summary
+            if total == last_total or now - last_time < self.skip_policy.summary_every_s:
+                return
+        self._last_summary = (now, total)
+        log.warning(
+            "Data: skipped %d records so far (%.1f%% of %d read): %s",
+            total,
+            100 * total / (total + self._delivered),
+            total + self._delivered,
+            describe_skips(self.skipped),
+        )
 
     def state_dict(self) -> dict:
         return {"skipped": dict(self.skipped)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = Counter(state_dict.get("skipped", {}))
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a batch of this DataModule (for Lightning's ThroughputMonitor)."""
+    return len(batch["image"])

@@ -1,19 +1,24 @@
 """The webdataset pipeline, stage by stage: shards -> samples -> decoded bilingual records -> batches.
 
-Every module reads data through :func:`shard_pipeline`. Bad records never stop a run: each stage that
-can meet one drops it, counts it by reason in a :class:`SkipCounter`, and the counts travel to the main
+Every module reads data through :func:`shard_pipeline`. Bad records never stop a healthy run: each stage that
+can meet one drops it and counts it by reason in a :class:`SkipCounter`, and the counts travel to the main
 process inside the batches (DataLoader workers are separate processes, so a shared counter would not).
+A run whose data has stopped yielding anything usable is not healthy, though: the counter applies a
+:class:`SkipPolicy` and stops the run with one error that names the counts and the setting to change,
+instead of letting an endlessly repeated training stream spin.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 
@@ -28,29 +33,114 @@ log = logging.getLogger(__name__)
 
 SKIPPED_KEY = "skipped"
 
+# What to check first when a reason dominates; shown in the error that stops a starving run.
+SKIP_HINTS = {
+    "no_caption": "no record has a caption in data.languages (COCO shards built without coco.korean_json "
+    "have no Korean captions): set data.languages to a language the shards have",
+    "no_text_features": "the shards have no txtfeat.npy: point data.*_shards at the output of "
+    "precompute_text_features.py",
+    "unreadable_tar": "the shard files are not readable tar archives: rebuild them with prepare_data.py",
+    "bad_image": "the image bytes do not decode: check the shards' image files",
+}
+
 
 class CorruptSample(ValueError):
-    """A record that cannot become a :class:`WebtoonSample`; ``reason`` names the counter it goes to."""
+    """A record that cannot become a training item; ``reason`` names the counter it goes to."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
 
 
-class SkipCounter:
-    """Counts dropped records by reason inside one process; :meth:`drain` hands them to the next batch."""
+class DataStarvationError(RuntimeError):
+    """The data pipeline keeps skipping records: continuing would spin or train on a sliver of the data."""
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class SkipPolicy:
+    """How much skipping a healthy run tolerates (``data.skip_policy``)."""
+
+    # Records read in a row without one usable sample: past this, the stream cannot recover.
+    max_records_without_sample: int = 1000
+    # Share of skipped records over each ``window`` records read; 1.0 turns the check off.
+    max_skip_ratio: float = 0.5
+    window: int = 2000
+    # Seconds between the skip summaries that the main process logs while a run skips (0: every batch).
+    summary_every_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_records_without_sample < 1 or self.window < 1:
+            raise ValueError("skip_policy.max_records_without_sample and skip_policy.window must be >= 1")
+        if not 0.0 <= self.max_skip_ratio <= 1.0:
+            raise ValueError(f"skip_policy.max_skip_ratio must be in [0, 1], got {self.max_skip_ratio}")
+
+
+def describe_skips(counts: dict[str, int]) -> str:
+    """``no_caption=12, bad_image=1`` (largest first)."""
+    return ", ".join(f"{reason}={n}" for reason, n in Counter(counts).most_common()) or "none"
+
+
+class SkipCounter:
+    """Counts read and dropped records by reason inside one process and enforces the :class:`SkipPolicy`.
+
+    :meth:`drain` hands the counts since the last batch to that batch.
+    """
+
+    def __init__(self, policy: SkipPolicy | None = None) -> None:
+        self.policy = policy or SkipPolicy()
         self.pending: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        self.records_read = 0
+        self._since_last_sample = 0
+        self._window_read = 0
+        self._window_skipped = 0
+
+    def read(self) -> None:
+        """A raw record came out of a tar file (usable or not)."""
+        self.records_read += 1
+
+    def passed(self) -> None:
+        self._since_last_sample = 0
+        self._tick(skipped=False)
 
     def skip(self, reason: str, key: str, detail: str = "") -> None:
-        if not self.pending[reason]:
-            log.warning("skipping corrupt sample %s (%s) %s", key, reason, detail)
+        log.debug("skipping sample %s (%s) %s", key, reason, detail)
         self.pending[reason] += 1
+        self.total[reason] += 1
+        self._since_last_sample += 1
+        if self._since_last_sample >= self.policy.max_records_without_sample:
+            raise self._starvation(
+                f"none of the last {self._since_last_sample} records was usable",
+                "data.skip_policy.max_records_without_sample",
+            )
+        self._tick(skipped=True)
+
+    def _tick(self, skipped: bool) -> None:
+        self._window_read += 1
+        self._window_skipped += skipped
+        if self._window_read < self.policy.window:
+            return
+        ratio = self._window_skipped / self._window_read
+        self._window_read = self._window_skipped = 0
+        if ratio > self.policy.max_skip_ratio:
+            raise self._starvation(
+                f"{ratio:.0%} of the last {self.policy.window} records were skipped "
+                f"(limit {self.policy.max_skip_ratio:.0%})",
+                "data.skip_policy.max_skip_ratio",
+            )
+
+    def _starvation(self, what: str, setting: str) -> DataStarvationError:
+        hints = [SKIP_HINTS[r] for r, _ in self.total.most_common() if r in SKIP_HINTS][:2]
+        return DataStarvationError(
+            f"The data pipeline stopped the run: {what}. Skipped so far by reason: "
+            f"{describe_skips(self.total)}. "
+            + (f"Likely cause: {'; '.join(hints)}. " if hints else "")
+            + f"To tolerate more, raise {setting}."
+        )
 
     def tar_error(self, error: Exception) -> bool:
         """webdataset handler for unreadable tar members: count, then keep reading."""
-        self.skip("unreadable_tar", getattr(error, "args", [""])[-1] if error.args else "", repr(error))
+        self.skip("unreadable_tar", error.args[-1] if error.args else "", repr(error))
         return True
 
     def drain(self) -> dict[str, int]:
@@ -62,7 +152,8 @@ class SharedEpoch:
     """An epoch number shared with DataLoader workers, so shard order changes every epoch (as in open_clip)."""
 
     def __init__(self, epoch: int = 0):
-        self.value = multiprocessing.Value("i", epoch)
+        # A spawn-context lock: it also crosses into `ddp_spawn` processes, which a fork-context one may not.
+        self.value = multiprocessing.get_context("spawn").Value("i", epoch)
 
     def set(self, epoch: int) -> None:
         self.value.value = epoch
@@ -71,9 +162,9 @@ class SharedEpoch:
         return self.value.value
 
 
-def expand_shards(patterns: str | Iterable[str]) -> list[str]:
+def expand_shards(patterns: str | Path | Iterable[str | Path]) -> list[str]:
     """Brace (``train-{000000..000007}.tar``) and glob (``train-*.tar``) patterns -> sorted shard paths."""
-    if isinstance(patterns, str):
+    if isinstance(patterns, str | Path):
         patterns = [patterns]
     urls: list[str] = []
     for pattern in patterns:
@@ -84,7 +175,7 @@ def expand_shards(patterns: str | Iterable[str]) -> list[str]:
     if not urls or missing:
         raise FileNotFoundError(
             f"No shards found for {patterns!r}{f' (missing: {missing[:3]})' if missing else ''}. "
-            "Write shards with `python prepare_data.py` and point data.*_shards at them."
+            "Write shards with `python prepare_data.py` and point data.root or data.*_shards at them."
         )
     return urls
 
@@ -104,11 +195,14 @@ def decode_record(record: dict) -> WebtoonSample:
         meta = json.loads(record["json"]) if "json" in record else {}
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
-    except ValueError as error:
+        txt = record["txt"].decode("utf-8") if "txt" in record else None
+        captions_en, captions_ko = read_captions(meta, txt)
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptSample("bad_json", f"{key}: {error}") from error
-    txt = record["txt"].decode("utf-8") if "txt" in record else None
-    captions_en, captions_ko = read_captions(meta, txt)
-    features = decode_npy(record["txtfeat.npy"]) if "txtfeat.npy" in record else None
+    try:
+        features = decode_npy(record["txtfeat.npy"]) if "txtfeat.npy" in record else None
+    except ValueError as error:
+        raise CorruptSample("bad_text_features", f"{key}: {error}") from error
     return WebtoonSample(
         key=key,
         image=image,
@@ -123,13 +217,25 @@ def decode_record(record: dict) -> WebtoonSample:
 
 def read_captions(meta: dict, txt: str | None = None) -> tuple[list[str], list[str]]:
     """English and Korean captions of a record: our json, or img2dataset's ``.txt`` / json ``caption``."""
-    captions_en = list(meta.get("captions_en") or [])
+    captions_en = meta.get("captions_en") or []
     if txt is not None:  # img2dataset keeps its one caption in .txt
-        captions_en.append(txt.strip())
+        captions_en = [*captions_en, txt.strip()]
     elif not captions_en and isinstance(meta.get("caption"), str):
-        captions_en.append(meta["caption"])
-    captions_ko = list(meta.get("captions_ko", meta.get("caption_ko")) or [])
-    return captions_en, captions_ko
+        captions_en = [meta["caption"]]
+    captions_ko = meta.get("captions_ko", meta.get("caption_ko")) or []
+    for name, captions in (("captions_en", captions_en), ("captions_ko", captions_ko)):
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{name} must be a list of strings")
+    return list(captions_en), list(captions_ko)
+
+
+def count_records(counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    def stage(records: Iterable[dict]) -> Iterator[dict]:
+        for record in records:
+            counter.read()
+            yield record
+
+    return stage
 
 
 def decode_stage(
@@ -140,9 +246,12 @@ def decode_stage(
     def stage(records: Iterable[dict]) -> Iterator[dict]:
         for record in records:
             try:
-                yield prepare(decode_record(record))
+                item = prepare(decode_record(record))
             except CorruptSample as error:
                 counter.skip(error.reason, record.get("__key__", "?"), str(error))
+                continue
+            counter.passed()
+            yield item
 
     return stage
 
@@ -154,6 +263,34 @@ def shuffled_shards(seed: int, epoch: SharedEpoch) -> Callable[[Iterable[str]], 
         urls = list(urls)
         random.Random(seed + epoch.get()).shuffle(urls)
         yield from urls
+
+    return stage
+
+
+def repeat_shards(urls: Iterable[str]) -> Iterator[str]:
+    # Endless passes over the shards; the epoch length is set by worker_share, not by the data.
+    urls = list(urls)
+    while urls:
+        yield from urls
+
+
+def stop_on_empty_passes(
+    counter: SkipCounter, shards_per_pass: int
+) -> Callable[[Iterable[str]], Iterator[str]]:
+    """Fail an endless shard stream after a whole pass of shards that held no record at all (empty tars)."""
+
+    def stage(urls: Iterable[str]) -> Iterator[str]:
+        read_at_pass_start = counter.records_read
+        for count, url in enumerate(urls, start=1):
+            yield url
+            if count % shards_per_pass == 0:
+                if counter.records_read == read_at_pass_start:
+                    raise DataStarvationError(
+                        f"{shards_per_pass} shards in a row held no record (empty or filtered tar files; "
+                        f"skipped so far: {describe_skips(counter.total)}). Rebuild the shards or point "
+                        "data.root / data.*_shards at others."
+                    )
+                read_at_pass_start = counter.records_read
 
     return stage
 
@@ -172,6 +309,20 @@ def shuffled_samples(
     return stage
 
 
+def worker_share(num_batches: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Yield this DataLoader worker's share of ``num_batches``: the shares of all workers add up exactly."""
+
+    def stage(batches: Iterable[dict]) -> Iterator[dict]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        workers, worker_id = (info.num_workers, info.id) if info is not None else (1, 0)
+        share = num_batches // workers + (worker_id < num_batches % workers)
+        yield from itertools.islice(batches, share)
+
+    return stage
+
+
 def attach_skipped(counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[dict]]:
     def stage(batches: Iterable[dict]) -> Iterator[dict]:
         for batch in batches:
@@ -179,6 +330,18 @@ def attach_skipped(counter: SkipCounter) -> Callable[[Iterable[dict]], Iterator[
             yield batch
 
     return stage
+
+
+class SizedPipeline(wds.DataPipeline):
+    """A pipeline that tells the DataLoader its number of batches. webdataset's ``with_length`` builds a class on
+    the fly, which cannot be pickled into the workers of a spawned process (``trainer=ddp_cpu``); this one can."""
+
+    def __init__(self, pipeline: wds.DataPipeline, size: int) -> None:
+        super().__init__(pipeline.pipeline)
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def shard_pipeline(
@@ -191,41 +354,35 @@ def shard_pipeline(
     epoch: SharedEpoch | None = None,
     shuffle_buffer: int = 1000,
     resample: bool = False,
+    skip_policy: SkipPolicy | None = None,
 ) -> wds.DataPipeline:
-    """Training: (resampled | epoch-shuffled) shards -> split by node/worker -> shuffle -> batch.
+    """Training: (resampled | epoch-shuffled, repeated) shards -> split by node/worker -> shuffle -> batch.
 
-    Evaluation reads every sample exactly once across all ranks and workers and keeps the last
-    partial batch. Training repeats its shards endlessly; the caller bounds an epoch with
-    ``with_epoch`` so that every rank runs the same number of steps (uneven ranks hang DDP).
+    Evaluation reads every sample exactly once across all ranks and workers and keeps the last partial
+    batch. Training repeats its shards endlessly; the caller bounds an epoch with :func:`worker_share` so
+    that every rank runs the same number of steps (uneven ranks hang DDP).
     """
     urls = expand_shards(shards)
-    counter = SkipCounter()
+    counter = SkipCounter(skip_policy)
+    epoch = epoch or SharedEpoch()
     if training and resample:
         stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     elif training:
-        stages = [wds.SimpleShardList(urls), shuffled_shards(seed, epoch or SharedEpoch()), _repeat]
+        stages = [wds.SimpleShardList(urls), shuffled_shards(seed, epoch), repeat_shards]
     else:
         stages = [wds.SimpleShardList(urls)]
-    stages += [
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter.tar_error),
-    ]
+    stages += [wds.split_by_node, wds.split_by_worker]
     if training:
-        stages.append(shuffled_samples(shuffle_buffer, seed, epoch or SharedEpoch()))
+        stages.append(stop_on_empty_passes(counter, len(urls)))
+    stages += [wds.tarfile_to_samples(handler=counter.tar_error), count_records(counter)]
+    if training:
+        stages.append(shuffled_samples(shuffle_buffer, seed, epoch))
     stages += [
         decode_stage(prepare, counter),
         wds.batched(batch_size, collation_fn=collate, partial=not training),
         attach_skipped(counter),
     ]
     return wds.DataPipeline(*stages)
-
-
-def _repeat(urls: Iterable[str]) -> Iterator[str]:
-    # Endless passes over this rank's shards; the epoch length is set by with_epoch, not by the data.
-    urls = list(urls)
-    while urls:
-        yield from urls
 
 
 def choose_caption(sample: WebtoonSample, languages: list[str], rng: random.Random) -> tuple[str, int]:
@@ -242,12 +399,20 @@ def feature_row(sample: WebtoonSample, caption: str) -> int:
     if sample.text_features is None:
         return -1
     order = sample.feature_captions or sample.captions()
+    if caption not in order:
+        raise CorruptSample("bad_text_features", f"{sample.key}: no feature row for caption {caption!r}")
     return order.index(caption)
 
 
 def features_of(sample: WebtoonSample, rows: list[int]) -> np.ndarray:
+    """The sample's feature rows as float32 [len(rows), dim]."""
     if sample.text_features is None:
         raise CorruptSample(
             "no_text_features", f"{sample.key} has no txtfeat.npy; run precompute_text_features.py"
         )
-    return np.asarray(sample.text_features[rows], dtype=np.float32)
+    features = sample.text_features
+    if features.ndim != 2 or any(not 0 <= row < len(features) for row in rows):
+        raise CorruptSample(
+            "bad_text_features", f"{sample.key}: rows {rows} not in features of shape {features.shape}"
+        )
+    return np.asarray(features[rows], dtype=np.float32)

@@ -16,6 +16,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LANGUAGES = ("en", "ko")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -13,6 +13,7 @@ and the language of each row as ``feature_languages`` (``"en"`` / ``"ko"``), so 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,23 +26,23 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from src.data import pipeline
-from src.data.pipeline import read_captions
+from src.data.pipeline import expand_shards, read_captions
 from src.data.schema import encode_npy
 from src.data.shards import update_sizes
-from src.utils.hub import from_pretrained
+from src.modules.pooling import masked_mean
+from src.utils.config import plain
+from src.utils.hub import from_pretrained, load_or_init_model
 
 __all__ = [
     "FEATURES_KEY",
     "METADATA_FILE",
     "SAVED_ENCODER_DIR",
     "TextFeatureEncoder",
-    "expand_shards",
     "caption_rows",
     "load_text_encoder_from_features",
+    "read_encoder_metadata",
     "precompute_text_features",
 ]
 
@@ -70,7 +71,7 @@ class TextFeatureEncoder:
         device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
@@ -87,23 +88,13 @@ class TextFeatureEncoder:
         tokenizer_source = tokenizer or self.name_or_path or DEFAULT_ENCODER
         tokenizer_setting = "encoder.tokenizer" if tokenizer else "encoder.name_or_path"
         self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_source, tokenizer_setting)
-        if self.name_or_path is not None:
-            self.model = from_pretrained(AutoModel.from_pretrained, self.name_or_path, "encoder.name_or_path")
-        else:
-            options = (
-                OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
-            )
-            model_type = options.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("encoder.config needs a `model_type` (e.g. bert) to build a random encoder.")
-            options["vocab_size"] = len(self.tokenizer)
-            if self.tokenizer.pad_token_id is not None:
-                options.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-            model_config = AutoConfig.for_model(model_type, **options)
-            # A private RNG stream: the same seed gives the same weights whatever ran before.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                self.model = AutoModel.from_config(model_config)
+        # A random encoder's vocabulary is its tokenizer's.
+        overrides = {} if self.pretrained else {"vocab_size": len(self.tokenizer)}
+        if not self.pretrained and self.tokenizer.pad_token_id is not None:
+            overrides["pad_token_id"] = self.tokenizer.pad_token_id
+        self.model = load_or_init_model(
+            self.name_or_path, plain(config), "encoder.name_or_path", seed=seed, **overrides
+        )
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and self.max_length > positions:
             raise ValueError(
@@ -113,6 +104,30 @@ class TextFeatureEncoder:
         self.device = torch.device("cpu")
         self.to(device)
         self._fingerprint: str | None = None
+
+    @classmethod
+    def from_metadata(
+        cls, metadata: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 64
+    ) -> TextFeatureEncoder:
+        """The encoder a ``text_features.json`` record (or a checkpoint's copy of it) describes.
+
+        Warns when the loaded weights differ from the recorded fingerprint: new captions would then not match
+        the vectors the model was trained on.
+        """
+        encoder = cls(
+            name_or_path=metadata["encoder"],
+            pooling=metadata["pooling"],
+            max_length=metadata["max_length"],
+            batch_size=batch_size,
+            device=device,
+        )
+        if metadata.get("fingerprint") and encoder.fingerprint() != metadata["fingerprint"]:
+            warnings.warn(
+                f"The caption encoder loaded from '{metadata['encoder']}' differs from the one that encoded the "
+                "training captions (weights or vocabulary changed); new captions will not match them.",
+                stacklevel=2,
+            )
+        return encoder
 
     @property
     def dim(self) -> int:
@@ -144,11 +159,8 @@ class TextFeatureEncoder:
                 return_tensors="pt",
             ).to(self.device)
             hidden = self.model(**inputs).last_hidden_state.float()
-            if self.pooling == "cls":
-                vectors = hidden[:, 0]
-            else:
-                mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                vectors = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            # "cls": the last hidden state at [CLS], the thesis' sentence vector.
+            vectors = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, inputs["attention_mask"])
             out[torch.tensor(index)] = vectors.cpu()
         return out
 
@@ -203,56 +215,39 @@ def caption_rows(metadata: dict[str, Any], txt: str | None = None) -> tuple[list
     return captions, languages
 
 
-def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Shard paths from brace patterns or globs, refusing two inputs with one file name (outputs reuse names)."""
-    paths = [
-        Path(url)
-        for url in pipeline.expand_shards(
-            [str(s) for s in ([shards] if isinstance(shards, str | os.PathLike) else shards)]
-        )
-    ]
-    names = [p.name for p in paths]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            "Two input shards share a file name; outputs are named after inputs, so they would clash."
-        )
-    return paths
-
-
 def _split_of(shard_name: str) -> str:
     """``train-000003.tar`` -> ``train``: the sizes.json key written by :func:`write_shards`."""
     stem = shard_name.split(".", 1)[0]
     return stem.rsplit("-", 1)[0] if "-" in stem else stem
 
 
-def _base_plus_ext(name: str) -> tuple[str, str]:
-    # The webdataset convention: the key is everything up to the first dot of the file name.
-    directory, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{directory}/{key}" if directory else key), ext
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """Raw records of a tar shard in order (``{"__key__", ext: bytes}``); a damaged or truncated tar raises."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with open(path, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+    _check_end_of_archive(path)
 
 
-def _iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a tar shard in order, as ``{"__key__", ext: bytes, ...}``, without decoding anything."""
-    record: dict[str, Any] | None = None
-    with tarfile.open(path, mode="r|*") as stream:
-        for member in stream:
-            if not member.isreg():
-                continue
-            key, ext = _base_plus_ext(member.name)
-            if record is not None and key != record["__key__"]:
-                yield record
-                record = None
-            if record is None:
-                record = {"__key__": key}
-            record[ext] = stream.extractfile(member).read()
-    if record is not None:
-        yield record
+def _check_end_of_archive(path: Path) -> None:
+    """Raise unless the members are followed by tar's end-of-archive marker (two zero blocks).
+
+    Python's tarfile stops quietly at a truncated header, so a shard cut short would otherwise pass as complete.
+    """
+    with tarfile.open(path, mode="r|") as archive:
+        for _ in archive:
+            pass
+        end = archive.offset
+    with open(path, "rb") as raw:
+        raw.seek(end)
+        marker = raw.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise tarfile.ReadError(f"{path} ends without tar's end-of-archive marker: the file is truncated")
 
 
 def _count_records(path: Path) -> int:
-    with tarfile.open(path, mode="r|*") as stream:
-        return len({_base_plus_ext(m.name)[0] for m in stream if m.isreg()})
+    return sum(1 for _ in _records(path))
 
 
 def precompute_text_features(
@@ -261,8 +256,18 @@ def precompute_text_features(
     encoder: TextFeatureEncoder,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every input shard to ``out_dir/<same name>`` with a ``txtfeat.npy`` per sample; resumable, returns stats."""
-    paths = expand_shards(shards)
+    """Write every input shard to ``out_dir/<same name>`` with a ``txtfeat.npy`` per sample; resumable, returns stats.
+
+    A shard counts as done once its output exists, and its output is written only when the whole input was
+    read: a shard that fails half way (damaged tar, interrupted run) is redone by the next call. Damaged
+    shards are reported together in one error after the others are written.
+    """
+    paths = [Path(url) for url in expand_shards([str(s) for s in _as_list(shards)])]
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            "Two input shards share a file name; outputs are named after inputs, so they would clash."
+        )
     out_dir = Path(out_dir)
     if any(p.resolve().parent == out_dir.resolve() for p in paths):
         # Outputs keep the input names, so every shard would count as done and be skipped.
@@ -273,9 +278,9 @@ def precompute_text_features(
     stats: dict[str, Any] = {
         "shards_written": 0,
         "shards_skipped": 0,
+        "shards_failed": [],
         "samples_written": 0,
         "samples_corrupt": 0,
-        "shards_truncated": 0,
         "samples_without_captions": 0,
         "captions_encoded": 0,
     }
@@ -287,7 +292,12 @@ def precompute_text_features(
                 stats["shards_skipped"] += 1
                 continue
             bar.set_description(f"text features {path.name} [{number}/{len(paths)}]")
-            _encode_shard(path, target, encoder, stats, bar)
+            try:
+                _encode_shard(path, target, encoder, stats, bar)
+            except (tarfile.TarError, EOFError, OSError) as error:
+                log.warning("%s could not be read to the end, not marked done: %s", path, error)
+                stats["shards_failed"].append(f"{path} ({type(error).__name__}: {error})")
+                continue
             stats["shards_written"] += 1
     finally:
         bar.close()
@@ -298,16 +308,26 @@ def precompute_text_features(
     for split in sorted({_split_of(p.name) for p in paths}):
         outputs = [p for p in out_dir.glob(f"{split}-*.tar") if _split_of(p.name) == split]
         counts[split] = sum(_count_records(p) for p in outputs)
+    if stats["shards_failed"]:
+        failed = "; ".join(stats["shards_failed"])
+        raise RuntimeError(
+            f"Text features: {len(stats['shards_failed'])} input shard(s) could not be read to the end and were "
+            f"not written: {failed}. The other shards are done; rerun to retry, and rebuild or remove a "
+            "damaged input shard."
+        )
     update_sizes(out_dir, counts)
     stats["sizes"] = counts
     stats["metadata"] = metadata
-    if stats["samples_corrupt"] or stats["shards_truncated"]:
+    if stats["samples_corrupt"]:
         warnings.warn(
-            f"Text features: skipped {stats['samples_corrupt']} unreadable samples and cut "
-            f"{stats['shards_truncated']} damaged shards short (details in the log).",
+            f"Text features: skipped {stats['samples_corrupt']} unreadable samples (details in the log).",
             stacklevel=2,
         )
     return stats
+
+
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str | os.PathLike) else list(value)
 
 
 def _check_or_write_metadata(out_dir: Path, encoder: TextFeatureEncoder) -> dict[str, Any]:
@@ -344,11 +364,12 @@ def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats
     import webdataset as wds
 
     partial = target.with_name(target.name + ".tmp")
+    partial.unlink(missing_ok=True)
     pending: list[tuple[dict[str, Any], list[str]]] = []
     pending_captions = 0
 
     # mtime=0 like write_shards: the same input and encoder give byte-identical output shards.
-    with wds.TarWriter(str(partial), encoder=False, mtime=0) as sink:
+    with _removed_on_error(partial), wds.TarWriter(str(partial), encoder=False, mtime=0) as sink:
 
         def flush() -> None:
             nonlocal pending, pending_captions
@@ -360,6 +381,7 @@ def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats
                 if rows is None:
                     rows = np.zeros((0, encoder.dim), dtype=np.float16)
                 record[FEATURES_KEY] = encode_npy(rows)
+                record.pop("__url__", None)
                 start += len(captions)
                 sink.write(record)
             stats["samples_written"] += len(pending)
@@ -367,19 +389,7 @@ def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats
             bar.update(len(pending))
             pending, pending_captions = [], 0
 
-        records = _iter_records(source)
-        while True:
-            try:
-                record = next(records)
-            except StopIteration:
-                break
-            except (tarfile.TarError, EOFError) as error:
-                # A truncated shard keeps what was readable: re-running cannot recover the rest either.
-                stats["shards_truncated"] += 1
-                log.warning(
-                    "%s is truncated or damaged; kept the samples before the damage: %s", source.name, error
-                )
-                break
+        for record in _records(source):
             try:
                 record = _with_caption_order(record)
             except (ValueError, UnicodeDecodeError) as error:
@@ -394,6 +404,15 @@ def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats
                 flush()
         flush()
     os.replace(partial, target)
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _with_caption_order(record: dict[str, Any]) -> dict[str, Any]:
@@ -412,10 +431,11 @@ def _with_caption_order(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_text_encoder_from_features(
-    features_dir: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64
-) -> TextFeatureEncoder:
-    """The encoder that wrote ``features_dir`` (from its ``text_features.json``), to encode new captions alike."""
+def read_encoder_metadata(features_dir: str | os.PathLike) -> dict[str, Any]:
+    """The encoder record of ``features_dir/text_features.json``, its saved random encoder resolved to a path.
+
+    Models keep this record in their checkpoints, so inference encodes new captions with the same encoder.
+    """
     features_dir = Path(features_dir)
     path = features_dir / METADATA_FILE
     if not path.exists():
@@ -423,21 +443,14 @@ def load_text_encoder_from_features(
             f"{path} not found: is {features_dir} an output of precompute_text_features.py?"
         )
     metadata = json.loads(path.read_text())
-    source = metadata["encoder"]
     if metadata.get("saved_encoder"):
         # Relative to the features dir, so the directory can be moved or copied to another machine.
-        source = str(features_dir / metadata["saved_encoder"])
-    encoder = TextFeatureEncoder(
-        name_or_path=source,
-        pooling=metadata["pooling"],
-        max_length=metadata["max_length"],
-        batch_size=batch_size,
-        device=device,
-    )
-    if metadata.get("fingerprint") and encoder.fingerprint() != metadata["fingerprint"]:
-        warnings.warn(
-            f"The encoder loaded from '{source}' differs from the one that wrote {features_dir} "
-            "(weights or vocabulary changed); new captions will not match the precomputed features.",
-            stacklevel=2,
-        )
-    return encoder
+        metadata["encoder"] = str((features_dir / metadata["saved_encoder"]).resolve())
+    return metadata
+
+
+def load_text_encoder_from_features(
+    features_dir: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64
+) -> TextFeatureEncoder:
+    """The encoder that wrote ``features_dir`` (from its ``text_features.json``), to encode new captions alike."""
+    return TextFeatureEncoder.from_metadata(read_encoder_metadata(features_dir), device, batch_size)
