@@ -18,16 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
-    """Run the test loop on ``cfg.ckpt_path``; write metrics.json, metrics.md and the model's analyses."""
+    """Run the test loop on ``cfg.ckpt_path``; write metrics.json, metrics.md, analyses and exports."""
     import lightning as L
     from hydra.utils import instantiate
 
     from src.utils.run import (
         final_metrics,
+        finish_run,
         instantiate_callbacks,
         instantiate_loggers,
         start_run,
-        write_metrics,
     )
 
     if not Path(cfg.ckpt_path).is_file():
@@ -41,28 +41,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     callbacks = [
         cb
         for cb in instantiate_callbacks(cfg.get("callbacks"))
-        if not isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)
+        if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
     ]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False
     )
 
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = final_metrics(trainer.callback_metrics, prefixes=("test/",))
-    if trainer.is_global_zero:
-        write_metrics(output_dir, metrics, cfg.get("paper_metrics"))
-        if cfg.get("analyses") and hasattr(model, "write_analyses"):
-            model.write_analyses(datamodule, output_dir / "analyses", callbacks)
-        if cfg.get("export_dir"):
-            if not hasattr(model, "export"):
-                raise ValueError(
-                    f"{type(model).__name__} has no transformers export; leave export_dir unset."
-                )
-            model.export(cfg.export_dir, datamodule)
-            log.info("Exported to %s", cfg.export_dir)
-        if cfg.get("text_encoder_export_dir"):
-            model.export_text_encoder(cfg.text_encoder_export_dir, datamodule)
-            log.info("Text tower exported to %s", cfg.text_encoder_export_dir)
+    metrics = finish_run(cfg, output_dir, trainer, model, datamodule, callbacks, metrics)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 

@@ -25,12 +25,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     from hydra.utils import instantiate
 
     from src.utils.run import (
+        evaluate_untrained,
         final_metrics,
+        finish_run,
         instantiate_callbacks,
         instantiate_loggers,
         log_hyperparameters,
         start_run,
-        write_metrics,
     )
 
     output_dir = start_run(cfg)
@@ -42,10 +43,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hyperparameters(cfg, loggers, model)
 
+    references: dict[str, dict[str, float]] = {}
+    if cfg.report.get("untrained"):
+        # The demo's own baseline: the same test on the initial weights, before any training.
+        references["untrained"] = evaluate_untrained(cfg, model, datamodule)
+
     metrics: dict[str, float] = {}
     if cfg.get("train"):
-        # Our own checkpoints carry the optimizer partials in their hparams, hence weights_only=False.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics.update(final_metrics(trainer.callback_metrics))
 
     if cfg.get("test"):
@@ -54,16 +59,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         )
         ckpt = best or (cfg.get("ckpt_path") if not cfg.get("train") else None)
         log.info("Testing %s", ckpt or "the weights in memory")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
         metrics.update(final_metrics(trainer.callback_metrics, prefixes=("test/",)))
 
-    skipped = getattr(datamodule, "skipped", None)
-    if skipped:
-        log.warning("Skipped corrupt samples: %s", dict(skipped))
-        metrics.update({f"data/skipped_{k}": float(v) for k, v in skipped.items()})
-    if trainer.is_global_zero:
-        path = write_metrics(output_dir, metrics, cfg.get("paper_metrics"))
-        log.info("Metrics written to %s", path)
+    metrics = finish_run(cfg, output_dir, trainer, model, datamodule, callbacks, metrics, references)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 

@@ -40,7 +40,13 @@ IMAGE = {
 
 def make_model() -> WebtoonCLIP:
     torch.manual_seed(0)
-    return WebtoonCLIP(TEXT, IMAGE, optimizer=partial(torch.optim.AdamW, lr=1e-3), projection_dim=64)
+    return WebtoonCLIP(
+        TEXT,
+        IMAGE,
+        preprocess={"image_size": 64},
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        projection_dim=64,
+    )
 
 
 def make_batch(batch_size: int) -> dict:

@@ -36,8 +36,42 @@ def make_samples(n: int, prefix: str = "s", size: int = 16):
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
     """A small generated bilingual dataset, shared by the tests that need real-looking data."""
-    from src.data.synthetic import generate_synthetic_dataset
+    from src.demo.synthetic import generate_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
     generate_synthetic_dataset(out, num_samples=240, seed=0, image_size=64)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_towers(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
+    """Local copies of the hub towers, as a user without network makes them: a tiny BERT (with the demo
+    dataset's tokenizer) and a tiny ViT for 224 px images, saved with ``save_pretrained``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
+
+    out = tmp_path_factory.mktemp("towers")
+    tokenizer = AutoTokenizer.from_pretrained(synthetic_dir / "tokenizer")
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
+    bert.save_pretrained(out / "bert")
+    tokenizer.save_pretrained(out / "bert")
+    vit = ViTModel(
+        ViTConfig(
+            image_size=224,
+            patch_size=32,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )
+    vit.save_pretrained(out / "vit")
+    return {"bert": out / "bert", "vit": out / "vit"}

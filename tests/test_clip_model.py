@@ -43,6 +43,7 @@ def test_saved_towers_load_through_name_or_path(tmp_path):
     model = WebtoonCLIP(
         text_encoder={"name_or_path": str(tmp_path / "bert"), "pooling": "cls"},
         image_encoder={"name_or_path": str(tmp_path / "vit"), "pooling": "cls"},
+        preprocess={"image_size": 32},
         optimizer=_optimizer(),
         projection_dim=16,
     )
@@ -67,6 +68,7 @@ def test_mean_pooling_ignores_padding(tmp_path):
     model = WebtoonCLIP(
         text_encoder={"name_or_path": str(tmp_path / "bert"), "pooling": "mean"},
         image_encoder={"name_or_path": str(tmp_path / "vit")},
+        preprocess={"image_size": 32},
         optimizer=_optimizer(),
         projection_dim=16,
     ).eval()
@@ -88,6 +90,7 @@ def test_missing_hub_weights_fail_with_one_clear_message():
         WebtoonCLIP(
             text_encoder={"name_or_path": "bert-base-multilingual-cased"},
             image_encoder={"name_or_path": "google/vit-base-patch16-224-in21k"},
+            preprocess={"tokenizer": "bert-base-multilingual-cased"},
             optimizer=_optimizer(),
         )
     assert "hf download bert-base-multilingual-cased" in str(error.value)
@@ -100,6 +103,7 @@ def test_logit_scale_is_clamped_at_100(tmp_path):
     model = WebtoonCLIP(
         text_encoder={"name_or_path": str(tmp_path / "bert")},
         image_encoder={"name_or_path": str(tmp_path / "vit")},
+        preprocess={"image_size": 32},
         optimizer=_optimizer(),
         projection_dim=16,
     )
@@ -110,13 +114,32 @@ def test_logit_scale_is_clamped_at_100(tmp_path):
     assert model.encoder.model.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
 
 
-def test_warmup_cosine_schedule():
-    from src.modules.clip_module import warmup_cosine
+def test_schedule_warms_up_then_follows_a_cosine_to_the_minimum():
+    from src.modules.clip_module import WebtoonCLIP
 
-    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
-    assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+    model = WebtoonCLIP(
+        {"config": {"model_type": "bert", "vocab_size": 20, "hidden_size": 8, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "intermediate_size": 16}},
+        {"config": {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 8,
+                    "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}},
+        preprocess={"image_size": 8},
+        optimizer=_optimizer(),
+        projection_dim=4,
+        warmup_steps=10,
+        min_lr_ratio=0.1,
+    )  # fmt: skip
+    model.trainer = type("T", (), {"estimated_stepping_batches": 110})()
+    config = model.configure_optimizers()
+    schedule = config["lr_scheduler"]["scheduler"]
+    factors = []
+    for _ in range(111):
+        factors.append(schedule.get_last_lr()[0] / 1e-3)
+        config["optimizer"].step()
+        schedule.step()
+    assert factors[0] == pytest.approx(0.0) and factors[5] == pytest.approx(0.5)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)  # halfway down the cosine
+    assert factors[110] == pytest.approx(0.1)
+    assert config["lr_scheduler"]["interval"] == "step"
 
 
 def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, caplog):
@@ -154,8 +177,8 @@ def test_export_refuses_mean_pooling_that_transformers_cannot_reproduce(tmp_path
         {"name_or_path": str(tmp_path / "vit")},
         16,
     )
+    from src.data.preprocess import Preprocess
+
     with pytest.raises(ValueError, match="model.text_encoder.pooling=cls"):
-        encoder.export(
-            str(tmp_path / "export"), tokenizer=None, image_size=32, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        )
+        encoder.export(str(tmp_path / "export"), Preprocess(image_size=32))
     assert not (tmp_path / "export").exists()

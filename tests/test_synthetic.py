@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from src.data.shards import read_sizes
-from src.data.synthetic import (
+from src.demo.synthetic import (
     BACKGROUNDS,
     COLOURS,
     KINDS,
@@ -158,10 +158,13 @@ def test_captions_name_every_attribute_in_both_languages():
 
 
 def test_colour_caption_set_matches_colours():
-    triples = colour_caption_set()
-    assert {colour for colour, _, _ in triples} == set(COLOURS)
-    for colour, english, korean in triples:
-        assert colour in english.split() and KO_COLOUR_ADJ[colour] in korean.split()
+    scenes = colour_caption_set()
+    assert {s.scene.colour for s in scenes} == set(COLOURS)
+    for s in scenes:
+        assert s.scene.colour in s.english.split() and KO_COLOUR_ADJ[s.scene.colour] in s.korean.split()
+        drawings = s.render(3)
+        assert all(dominant_colour(d) == s.scene.colour for d in drawings)
+        assert drawings[0].tobytes() != drawings[1].tobytes()  # real drawings of one caption vary
 
 
 def test_shape_colour_dominates_after_jpeg(dataset):

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from src.metrics.retrieval import retrieval_metrics
+from src.metrics.retrieval import random_ranking_metrics, retrieval_metrics
 
 
 class RetrievalMetrics(L.Callback):
@@ -21,6 +21,7 @@ class RetrievalMetrics(L.Callback):
         self.ks = tuple(ks)
         self.chunk_size = chunk_size
         self.last_embeddings: dict[str, torch.Tensor] | None = None
+        self.gallery_sizes: dict[str, int] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -69,9 +70,17 @@ class RetrievalMetrics(L.Callback):
             chunk_size=self.chunk_size,
         )
         # Every rank holds the same gathered embeddings, so the values agree and averaging keeps them.
-        metrics["gallery_images"] = float(len(embeddings["image_embeds"]))
+        self.gallery_sizes[stage] = len(embeddings["image_embeds"])
+        metrics["gallery_images"] = float(self.gallery_sizes[stage])
         for name, value in metrics.items():
             pl_module.log(f"{stage}/{name}", value, prog_bar=name == f"mrr@{max(self.ks)}", sync_dist=True)
+
+    def references(self, stage: str = "test") -> dict[str, dict[str, float]]:
+        """The chance level of the last ``stage`` evaluation (random ranking over its gallery), for reports."""
+        if stage not in self.gallery_sizes:
+            return {}
+        chance = random_ranking_metrics(self.gallery_sizes[stage], self.ks)
+        return {"chance (random ranking)": {f"{stage}/{name}": value for name, value in chance.items()}}
 
     def _gather(self) -> dict[str, torch.Tensor] | None:
         local = {

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from src.data.schema import WebtoonSample
+from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import forget_splits, remove_split_shards, write_shards
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-LANGUAGES = ("en", "ko")
 NUM_TEMPLATES = 5
+DATASET_SPEC = "dataset.json"  # the settings a complete generated dataset was made with
 
 # Shape colours are >= 80 apart in RGB and far from every background colour. They are also chosen so that
 # edge pixels blending a shape colour into a background seldom land nearer another shape colour (a brown
@@ -292,16 +291,33 @@ def scene_captions(scene: Scene, style: str | None) -> tuple[list[str], list[str
     return english, korean
 
 
-def colour_caption_set() -> list[tuple[str, str, str]]:
-    """Two (colour, English caption, Korean caption) triples per colour, same meaning in both languages."""
-    triples = []
+@dataclass(frozen=True)
+class CaptionedScene:
+    """A scene drawn in one style with an English and a Korean caption of the same meaning."""
+
+    scene: Scene
+    style: str
+    english: str
+    korean: str
+
+    def render(self, count: int, image_size: int = 64, seed: int = 0) -> list[Image.Image]:
+        """``count`` real drawings of the scene (position, size, rotation and strokes jittered)."""
+        return [
+            render_scene(self.scene, self.style, image_size, random.Random(f"{seed}/{i}"))
+            for i in range(count)
+        ]
+
+
+def colour_caption_set() -> list[CaptionedScene]:
+    """Two captioned scenes per colour (a circle and a square), same meaning in both languages."""
+    scenes = []
     for colour in COLOURS:
         for kind, background, template in (("circle", "white", 0), ("square", "gray", 1)):
             scene = Scene(kind=kind, colour=colour, size="large", position="center", background=background)
             english = caption_scene(scene, "en", template, "flat")
             korean = caption_scene(scene, "ko", template, "flat")
-            triples.append((colour, english, korean))
-    return triples
+            scenes.append(CaptionedScene(scene, "flat", english, korean))
+    return scenes
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------
@@ -589,6 +605,7 @@ def generate_synthetic_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = split_counts(num_samples, split_fractions)
+    (out_dir / DATASET_SPEC).unlink(missing_ok=True)
     # Forget every split of an earlier run first: an interrupted run then leaves sizes.json without the
     # unfinished splits rather than with the old, wrong counts of shards that no longer exist.
     for split in counts:
@@ -599,7 +616,38 @@ def generate_synthetic_dataset(
         write_shards(_samples(split, count, seed, image_size), out_dir, split, per_shard, "jpg")
         log.info("synthetic %s: %d samples in %d shards", split, count, math.ceil(count / per_shard))
     write_tokenizer(out_dir / "tokenizer")
+    # Written last: its presence (with these settings) means the whole dataset is there.
+    (out_dir / DATASET_SPEC).write_text(
+        json.dumps(_spec(num_samples, seed, image_size, split_fractions)) + "\n"
+    )
     return counts
+
+
+def ensure_synthetic_dataset(
+    out_dir: str | os.PathLike,
+    num_samples: int = 5000,
+    seed: int = 0,
+    image_size: int = 64,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+) -> Path:
+    """Generate the dataset into ``out_dir`` unless a complete one with the same settings is already there."""
+    out_dir = Path(out_dir)
+    spec_file = out_dir / DATASET_SPEC
+    wanted = _spec(num_samples, seed, image_size, split_fractions)
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == wanted:
+        return out_dir
+    log.info("Generating the synthetic bilingual dataset in %s (%d samples)", out_dir, num_samples)
+    generate_synthetic_dataset(out_dir, num_samples, seed, image_size, split_fractions)
+    return out_dir
+
+
+def _spec(num_samples: int, seed: int, image_size: int, split_fractions: Sequence[float]) -> dict:
+    return {
+        "num_samples": num_samples,
+        "seed": seed,
+        "image_size": image_size,
+        "split_fractions": [float(f) for f in split_fractions],
+    }
 
 
 def _samples(split: str, count: int, seed: int, image_size: int) -> Iterator[WebtoonSample]:

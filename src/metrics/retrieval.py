@@ -28,6 +28,7 @@ __all__ = [
     "image_to_text_ranks",
     "rank_metrics",
     "retrieval_metrics",
+    "random_ranking_metrics",
     "retrieval_ranks",
     "text_to_image_ranks",
 ]
@@ -142,6 +143,22 @@ def retrieval_metrics(
     for direction, values in (("t2i", t2i), ("i2t", i2t)):
         metrics[f"{direction}_mean_rank"] = values["mean_rank"]
         metrics[f"{direction}_median_rank"] = values["median_rank"]
+    return metrics
+
+
+def random_ranking_metrics(num_images: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Expected text→image values of :func:`retrieval_metrics` when images are ranked at random (the chance level).
+
+    A caption's own image is then equally likely at every rank 1..N: MRR@k = H(min(k, N)) / N, R@k = min(k, N) / N.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    metrics: dict[str, float] = {}
+    for k in ks:
+        metrics[f"mrr@{k}"] = sum(1 / r for r in range(1, min(k, num_images) + 1)) / num_images
+    for k in ks:
+        metrics[f"t2i_r@{k}"] = min(k, num_images) / num_images
+    metrics["t2i_mean_rank"] = metrics["t2i_median_rank"] = (num_images + 1) / 2
     return metrics
 
 

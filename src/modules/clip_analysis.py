@@ -9,51 +9,70 @@ from pathlib import Path
 
 import torch
 
+from src.data.preprocess import Preprocess
 from src.modules.dual_encoder import DualEncoder
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """How much of the split each analysis shows (``model.analyses``)."""
+
+    pca_images: int = 50  # images (and their captions, per language) in the PCA plot
+    similarity_other_images: int = 2  # images whose captions are the distractors in the similarity table
+    query_images: int = 4  # images whose captions (one per language) query the retrieval grid
+    top_k: int = 4  # retrieved images per query
+    thumbnails: int = 64  # first images kept as the retrieval grid's gallery
+    zero_shot_images: int = 8
+    zero_shot_labels: tuple[str, ...] = field(default_factory=tuple)
+    zero_shot_template: str = "{}"
 
 
 @dataclass
 class EncodedSplit:
-    """Image embeddings of a split with the keys, captions and a few thumbnails needed to show results."""
+    """Image embeddings of a split with the keys, captions (and their languages) and thumbnails to show results."""
 
     keys: list[str] = field(default_factory=list)
     image_embeds: torch.Tensor | None = None
     captions: list[list[str]] = field(default_factory=list)
+    languages: list[list[str]] = field(default_factory=list)
     thumbnails: list[torch.Tensor] = field(default_factory=list)  # [3,H,W] in [0,1]
+
+    def first_caption_in(self, language: str, count: int) -> tuple[list[int], list[str]]:
+        """Indexes of the first ``count`` images with a caption in ``language``, and that caption of each."""
+        found = [
+            (i, captions[languages.index(language)])
+            for i, (captions, languages) in enumerate(zip(self.captions, self.languages, strict=True))
+            if language in languages
+        ][:count]
+        return [i for i, _ in found], [c for _, c in found]
 
 
 @torch.no_grad()
 def encode_split(
-    encoder: DualEncoder, dataloader, image_mean, image_std, keep_thumbnails: int = 64
+    encoder: DualEncoder, dataloader, preprocess: Preprocess, keep_thumbnails: int
 ) -> EncodedSplit:
     """One pass over an evaluation dataloader: every image embedding, plus thumbnails of the first images."""
     device = next(encoder.parameters()).device
-    mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(image_std).view(1, 3, 1, 1)
     out, embeds = EncodedSplit(), []
-    captions_per_image: list[list[str]] = []
     for batch in dataloader:
         embeds.append(encoder.encode_image(batch["image"].to(device)).float().cpu())
         out.keys += batch["key"]
         index = batch["caption_image_index"].tolist()
         for i in range(len(batch["key"])):
-            captions_per_image.append(
-                [c for c, j in zip(batch["all_captions"], index, strict=True) if j == i]
-            )
+            mine = [j for j, owner in enumerate(index) if owner == i]
+            out.captions.append([batch["all_captions"][j] for j in mine])
+            out.languages.append([batch["all_languages"][j] for j in mine])
         if len(out.thumbnails) < keep_thumbnails:
-            images = (batch["image"] * std + mean).clamp(0, 1)
+            images = preprocess.denormalize(batch["image"])
             out.thumbnails += list(images[: keep_thumbnails - len(out.thumbnails)])
     out.image_embeds = torch.cat(embeds) if embeds else torch.empty(0)
-    out.captions = captions_per_image
     return out
 
 
 @torch.no_grad()
-def encode_texts(encoder: DualEncoder, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
+def encode_texts(encoder: DualEncoder, preprocess: Preprocess, texts: list[str]) -> torch.Tensor:
     device = next(encoder.parameters()).device
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(
-        device
-    )
+    tokens = {k: v.to(device) for k, v in preprocess.tokenize(texts).items()}
     return encoder.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
 
 
@@ -78,18 +97,18 @@ def top_k_images(query_embeds: torch.Tensor, image_embeds: torch.Tensor, k: int)
 
 
 def pca_plot(groups: dict[str, torch.Tensor], path: Path, title: str = "PCA of CLIP embeddings") -> None:
-    """Scatter of the first two principal components of several embedding groups (images, en and ko text)."""
+    """Scatter of the first two principal components of several embedding groups (images, text per language)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     everything = torch.cat(list(groups.values()))
-    centred = everything - everything.mean(0, keepdim=True)
-    _, _, components = torch.pca_lowrank(centred, q=2, center=False)
+    centre = everything.mean(0, keepdim=True)
+    _, _, components = torch.pca_lowrank(everything - centre, q=2, center=False)
     fig, ax = plt.subplots(figsize=(6, 6))
     for (name, embeds), marker in zip(groups.items(), "o^sv", strict=False):
-        points = (embeds - everything.mean(0, keepdim=True)) @ components
+        points = (embeds - centre) @ components
         ax.scatter(points[:, 0], points[:, 1], s=14, marker=marker, label=name, alpha=0.7)
     ax.set_title(title)
     ax.legend()
@@ -101,14 +120,12 @@ def pca_plot(groups: dict[str, torch.Tensor], path: Path, title: str = "PCA of C
 def retrieval_grid(
     queries: list[str], hits: torch.Tensor, thumbnails: list[torch.Tensor], path: Path
 ) -> None:
-    """One row per query: its top-k images (indexes into ``thumbnails``) as a PNG, the queries in a sidecar file."""
-    from torchvision.utils import save_image
+    """One row per query (printed beside it): its top-k images (indexes into ``thumbnails``), best first."""
+    from src.utils.image_grid import captioned_grid, save_grid
 
-    rows = [thumbnails[i] for row in hits.tolist() for i in row]
-    save_image(torch.stack(rows), path, nrow=hits.shape[1], padding=2, pad_value=1.0)
-    path.with_suffix(".txt").write_text(
-        "\n".join(f"row {i}: {q}" for i, q in enumerate(queries)) + "\n", encoding="utf-8"
-    )
+    rows = [[thumbnails[i] for i in row] for row in hits.tolist()]
+    titles = [f"top {k + 1}" for k in range(hits.shape[1])]
+    save_grid(captioned_grid(rows, queries, column_titles=titles, cell_size=96), path)
 
 
 def save_image_index(path: Path, keys: list[str], image_embeds: torch.Tensor) -> None:
@@ -128,64 +145,62 @@ def load_image_index(path: str | Path) -> tuple[list[str], torch.Tensor]:
 
 def write_clip_report(
     encoder: DualEncoder,
-    tokenizer,
+    preprocess: Preprocess,
     dataloader,
     out_dir: Path,
-    image_mean,
-    image_std,
-    zero_shot_labels: list[str],
-    zero_shot_template: str = "{}",
-    top_k: int = 4,
+    settings: AnalysisSettings = AnalysisSettings(),
 ) -> dict[str, Path]:
     """Every analysis of chapter IV for one split, written into ``out_dir``; returns the files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    split = encode_split(encoder, dataloader, image_mean, image_std)
+    split = encode_split(encoder, dataloader, preprocess, settings.thumbnails)
     files = {"index": out_dir / "image_index.safetensors"}
     save_image_index(files["index"], split.keys, split.image_embeds)
     if not split.keys:
         return files
 
-    # One image against its own captions and the captions of two other images, in both languages.
-    others = [c for captions in split.captions[1:3] for c in captions]
+    # One image against its own captions and the captions of a few other images, in every language.
+    others = [c for captions in split.captions[1 : 1 + settings.similarity_other_images] for c in captions]
     sentences = split.captions[0] + others
     files["similarity"] = out_dir / "similarity.md"
     files["similarity"].write_text(
         f"Image `{split.keys[0]}` (its own captions first)\n\n"
-        + similarity_table(split.image_embeds[0], sentences, encode_texts(encoder, tokenizer, sentences)),
+        + similarity_table(split.image_embeds[0], sentences, encode_texts(encoder, preprocess, sentences)),
         encoding="utf-8",
     )
 
-    shown = min(len(split.keys), 50)
-    first_captions = [c[0] for c in split.captions[:shown] if c]
-    last_captions = [c[-1] for c in split.captions[:shown] if c]  # Korean when the split has both languages
+    shown = min(len(split.keys), settings.pca_images)
+    groups = {"images": split.image_embeds[:shown]}
+    for language in sorted({lang for languages in split.languages for lang in languages}):
+        _, captions = split.first_caption_in(language, shown)
+        groups[f"captions ({language})"] = encode_texts(encoder, preprocess, captions)
     files["pca"] = out_dir / "pca.png"
-    pca_plot(
-        {
-            "images": split.image_embeds[:shown],
-            "first caption (en)": encode_texts(encoder, tokenizer, first_captions),
-            "last caption (ko)": encode_texts(encoder, tokenizer, last_captions),
-        },
-        files["pca"],
-    )
+    pca_plot(groups, files["pca"])
 
     queries = [
-        split.captions[i][j] for i in range(min(4, len(split.captions))) for j in (0, -1) if split.captions[i]
+        captions[languages.index(language)]
+        for captions, languages in zip(
+            split.captions[: settings.query_images], split.languages[: settings.query_images], strict=True
+        )
+        for language in dict.fromkeys(languages)
     ]
-    in_thumbnails = len(split.thumbnails)
-    hits = top_k_images(encode_texts(encoder, tokenizer, queries), split.image_embeds[:in_thumbnails], top_k)
+    gallery = split.image_embeds[: len(split.thumbnails)]
+    hits = top_k_images(encode_texts(encoder, preprocess, queries), gallery, settings.top_k)
     files["retrieval_grid"] = out_dir / "retrieval_grid.png"
     retrieval_grid(queries, hits, split.thumbnails, files["retrieval_grid"])
 
-    if zero_shot_labels:
-        prompts = [zero_shot_template.format(label) for label in zero_shot_labels]
+    if settings.zero_shot_labels:
+        labels = list(settings.zero_shot_labels)
+        prompts = [settings.zero_shot_template.format(label) for label in labels]
+        count = settings.zero_shot_images
         probs = zero_shot_classify(
-            split.image_embeds[:8], encode_texts(encoder, tokenizer, prompts), float(encoder.logit_scale)
+            split.image_embeds[:count],
+            encode_texts(encoder, preprocess, prompts),
+            float(encoder.logit_scale.detach()),
         )
         rows = ["| image | first caption | predicted label | probability |", "|---|---|---|---|"]
-        for key, captions, p in zip(split.keys[:8], split.captions[:8], probs, strict=False):
-            rows.append(
-                f"| {key} | {captions[0] if captions else ''} | {zero_shot_labels[int(p.argmax())]} | {float(p.max()):.2f} |"
-            )
+        for key, captions, p in zip(split.keys[:count], split.captions[:count], probs, strict=False):
+            caption = captions[0] if captions else ""
+            rows.append(f"| {key} | {caption} | {labels[int(p.argmax())]} | {float(p.max()):.2f} |")
         files["zero_shot"] = out_dir / "zero_shot.md"
         files["zero_shot"].write_text("\n".join(rows) + "\n", encoding="utf-8")
     return files

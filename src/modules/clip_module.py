@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -11,42 +12,43 @@ import lightning as L
 import torch
 from torch import nn
 
+from src.data.preprocess import Preprocess
 from src.modules.clip_loss import ContrastiveLoss, contrastive_accuracy
 from src.modules.dual_encoder import DualEncoder
 
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup, then cosine decay to ``min_ratio`` (a pure function of the step)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+# Thesis chapter IV: lr 1e-5; CLIP's AdamW settings. Used when no optimizer is given (e.g. loading to export).
+CLIP_ADAMW = functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
 
 
 class WebtoonCLIP(L.LightningModule):
     """Symmetric InfoNCE over image and caption embeddings; features gathered across DDP ranks with gradients.
 
     Validation and test steps return the embeddings of every image and every caption of the batch, which
-    :class:`src.callbacks.retrieval.RetrievalMetrics` turns into MRR@K and recall both ways.
+    :class:`src.callbacks.retrieval.RetrievalMetrics` turns into MRR@K and recall both ways. The model owns its
+    preprocessing (tokenizer, image size and statistics), so a checkpoint alone exports and analyses.
     """
 
     def __init__(
         self,
         text_encoder: dict[str, Any],
         image_encoder: dict[str, Any],
-        optimizer: Callable[..., torch.optim.Optimizer],
+        preprocess: dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         projection_dim: int = 512,
         logit_scale_init: float = math.log(1 / 0.07),
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         local_loss: bool = False,
-        zero_shot_labels: list[str] | None = None,
-        zero_shot_template: str = "{}",
+        decay_gains_and_biases: bool = False,
+        analyses: dict[str, Any] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        # The optimizer partial stays out of the hparams: checkpoints then load with weights_only=True.
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.preprocess = Preprocess.of(preprocess)
         self.encoder = DualEncoder(text_encoder, image_encoder, projection_dim, logit_scale_init)
         self.loss = ContrastiveLoss(local_loss=local_loss)
+        self.optimizer = optimizer or CLIP_ADAMW
 
     # ---- the method ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +69,14 @@ class WebtoonCLIP(L.LightningModule):
         return loss
 
     def on_fit_start(self) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        # from_pretrained towers arrive in eval mode and Lightning keeps modes as they are: dropout must train.
+        self.train()
+        tokenizer = self.preprocess.loaded_tokenizer
         embeddings = self.encoder.model.text_model.get_input_embeddings().num_embeddings
         if tokenizer is not None and len(tokenizer) > embeddings:
             raise ValueError(
                 f"The tokenizer ({len(tokenizer)} tokens) does not fit the text tower ({embeddings} embeddings): "
-                "point data.tokenizer at the text encoder's own tokenizer or raise its vocab_size."
+                "point model.preprocess.tokenizer at the text encoder's own tokenizer or raise its vocab_size."
             )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -109,49 +113,39 @@ class WebtoonCLIP(L.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        # No weight decay on biases, norms and the temperature, as CLIP and open_clip do.
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        # No weight decay on biases, norms and the temperature, as CLIP and open_clip do (unless asked for).
         decay, no_decay = [], []
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
             is_gain_or_bias = parameter.ndim < 2 or "norm" in name or "logit_scale" in name
-            (no_decay if is_gain_or_bias else decay).append(parameter)
-        optimizer = self.hparams.optimizer(
-            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+            exempt = is_gain_or_bias and not self.hparams.decay_gains_and_biases
+            (no_decay if exempt else decay).append(parameter)
+        optimizer = self.optimizer(params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        schedule = get_cosine_with_min_lr_schedule_with_warmup(
             optimizer,
-            lambda step: warmup_cosine(
-                step, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio
-            ),
+            num_warmup_steps=self.hparams.warmup_steps,
+            num_training_steps=max(1, int(self.trainer.estimated_stepping_batches)),
+            min_lr_rate=self.hparams.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ---- after training -----------------------------------------------------------------------------
-    def export(self, out_dir: str, datamodule) -> None:
+    def export(self, out_dir: str | Path) -> None:
         """A directory that ``VisionTextDualEncoderModel.from_pretrained`` and its processor load as it is."""
-        hp = datamodule.hparams
-        self.encoder.export(out_dir, datamodule.tokenizer, hp.image_size, hp.image_mean, hp.image_std)
+        self.encoder.export(str(out_dir), self.preprocess)
 
-    def export_text_encoder(self, out_dir: str, datamodule) -> None:
-        """The trained text tower and its tokenizer alone (any pooling), e.g. as the DCGAN's sentence encoder."""
+    def export_text_encoder(self, out_dir: str | Path) -> None:
+        """The trained text tower and its tokenizer alone, e.g. as the DCGAN's sentence encoder."""
         self.encoder.model.text_model.save_pretrained(out_dir)
-        datamodule.tokenizer.save_pretrained(out_dir)
+        self.preprocess.loaded_tokenizer.save_pretrained(out_dir)
 
-    def write_analyses(self, datamodule, out_dir, callbacks=()) -> dict:
-        """Similarity table, PCA plot, retrieval grid, zero-shot labels and the image index of the test split."""
-        from src.modules.clip_analysis import write_clip_report
+    def write_analyses(self, dataloader, out_dir: str | Path) -> dict[str, Path]:
+        """Similarity table, PCA plot, retrieval grid, zero-shot labels and the image index of a split."""
+        from src.modules.clip_analysis import AnalysisSettings, write_clip_report
 
-        hp = datamodule.hparams
         self.eval()
-        return write_clip_report(
-            self.encoder,
-            datamodule.tokenizer,
-            datamodule.test_dataloader(),
-            Path(out_dir),
-            hp.image_mean,
-            hp.image_std,
-            list(self.hparams.zero_shot_labels or []),
-            self.hparams.zero_shot_template,
-        )
+        settings = AnalysisSettings(**(self.hparams.analyses or {}))
+        return write_clip_report(self.encoder, self.preprocess, dataloader, Path(out_dir), settings)

@@ -14,23 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.utils.hub import from_pretrained
+from src.modules.pooling import masked_mean
+from src.utils.hub import load_or_init_model
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the temperature so logits never exceed 100
-
-
-def build_encoder(name_or_path: str | None, config: dict[str, Any] | None, setting: str) -> nn.Module:
-    """A hub/local encoder by ``name_or_path`` or, when that is null, a randomly initialised one from ``config``."""
-    from transformers import AutoConfig, AutoModel
-
-    if name_or_path:
-        return from_pretrained(AutoModel.from_pretrained, str(name_or_path), setting)
-    if not config:
-        raise ValueError(
-            f"Set `{setting}` (hub name or local path) or give a config for a randomly initialised tower."
-        )
-    config = dict(config)
-    return AutoModel.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
 class DualEncoder(nn.Module):
@@ -46,10 +33,10 @@ class DualEncoder(nn.Module):
         super().__init__()
         from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
-        text_model = build_encoder(
+        text_model = load_or_init_model(
             text_encoder.get("name_or_path"), text_encoder.get("config"), "model.text_encoder.name_or_path"
         )
-        vision_model = build_encoder(
+        vision_model = load_or_init_model(
             image_encoder.get("name_or_path"), image_encoder.get("config"), "model.image_encoder.name_or_path"
         )
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
@@ -96,7 +83,7 @@ class DualEncoder(nn.Module):
     def forward(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
 
-    def export(self, out_dir: str, tokenizer, image_size: int, image_mean, image_std) -> None:
+    def export(self, out_dir: str, preprocess) -> None:
         """Save a directory that ``VisionTextDualEncoderModel``/``AutoProcessor`` load as it is."""
         from transformers import VisionTextDualEncoderProcessor, ViTImageProcessor
 
@@ -108,13 +95,13 @@ class DualEncoder(nn.Module):
         self.clamp_logit_scale()
         self.model.save_pretrained(out_dir)
         image_processor = ViTImageProcessor(
-            size={"height": image_size, "width": image_size},
-            image_mean=list(image_mean),
-            image_std=list(image_std),
+            size={"height": preprocess.image_size, "width": preprocess.image_size},
+            image_mean=list(preprocess.image_mean),
+            image_std=list(preprocess.image_std),
         )
-        VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(
-            out_dir
-        )
+        VisionTextDualEncoderProcessor(
+            image_processor=image_processor, tokenizer=preprocess.loaded_tokenizer
+        ).save_pretrained(out_dir)
 
 
 def _pool(outputs, pooling: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -123,8 +110,4 @@ def _pool(outputs, pooling: str, attention_mask: torch.Tensor | None) -> torch.T
         if getattr(outputs, "pooler_output", None) is None:
             return outputs.last_hidden_state[:, 0]
         return outputs.pooler_output
-    hidden = outputs.last_hidden_state
-    if attention_mask is None:
-        return hidden.mean(dim=1)
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return masked_mean(outputs.last_hidden_state, attention_mask)

@@ -17,14 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def apply_extras(cfg: DictConfig) -> None:
-    """Silence noisy library warnings and print the resolved config tree (``extras`` group)."""
+    """Thread count, silenced library warnings, the resolved config tree (``extras`` group)."""
     extras = cfg.get("extras") or {}
+    if extras.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(extras.torch_threads))
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         # the training pipeline sets its length on purpose: each worker yields an exact share of the epoch
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.data")
+        # FLOP/s need a per-model FLOP count; batches/s and samples/s are what the monitor is used for here
+        warnings.filterwarnings("ignore", message=".*define a `flops_per_batch` attribute.*")
     if extras.get("print_config"):
         import rich
         from rich.syntax import Syntax
@@ -33,10 +39,14 @@ def apply_extras(cfg: DictConfig) -> None:
 
 
 def start_run(cfg: DictConfig) -> Path:
-    """What every entry point does first: extras, the resolved config in the run directory, seeds; returns that directory."""
+    """What every entry point does first: extras, type checks, the resolved config in the run directory, seeds;
+    returns that directory."""
     import lightning as L
 
+    from src.utils.config import check_config_types
+
     apply_extras(cfg)
+    check_config_types(cfg)
     output_dir = Path(cfg.paths.output_dir)
     save_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -115,18 +125,96 @@ def final_metrics(
     return dict(sorted(out.items()))
 
 
+def report_references(callbacks: list, stage: str = "test") -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Reference columns (chance levels, real-data values) and notes that the callbacks offer for a report."""
+    columns: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    for callback in callbacks:
+        if hasattr(callback, "references"):
+            for column, values in callback.references(stage).items():
+                columns.setdefault(column, {}).update(values)
+        if hasattr(callback, "report_notes"):
+            notes += callback.report_notes()
+    return columns, notes
+
+
 def write_metrics(
-    output_dir: str | os.PathLike, metrics: dict[str, float], paper: dict[str, float] | None = None
+    output_dir: str | os.PathLike,
+    metrics: dict[str, float],
+    references: dict[str, dict[str, float]] | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
-    """``metrics.json`` (flat dict) and ``metrics.md`` (a table beside the paper's numbers) in the run directory."""
+    """``metrics.json`` (flat dict) and ``metrics.md``: this run beside reference columns, and notes under it.
+
+    A paper's numbers are a reference column only for experiments on the paper's data and metric; demos compare
+    with their own references (untrained model, chance).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")
-    paper = dict(paper or {})
-    rows = ["| metric | this run | paper |", "|---|---|---|"]
-    for name in sorted(set(metrics) | set(paper)):
-        ours = metrics.get(name)
-        rows.append(f"| {name} | {'' if ours is None else f'{ours:.4f}'} | {paper.get(name, '')} |")
-    (output_dir / "metrics.md").write_text("\n".join(rows) + "\n")
+    references = {name: values for name, values in (references or {}).items() if values}
+    header = ["metric", "this run", *references]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in sorted(metrics):
+        cells = [name, _format(metrics[name]), *(_format(values.get(name)) for values in references.values())]
+        rows.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(rows) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    (output_dir / "metrics.md").write_text(text)
     return path
+
+
+def _format(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def evaluate_untrained(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str, float]:
+    """The test metrics of ``model`` as it is now (before training), from a throwaway trainer without logging."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    callbacks = [
+        cb
+        for cb in instantiate_callbacks(cfg.get("callbacks"))
+        if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
+    ]
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    return final_metrics(trainer.callback_metrics, prefixes=("test/",))
+
+
+def finish_run(
+    cfg: DictConfig,
+    output_dir: Path,
+    trainer: Any,
+    model: Any,
+    datamodule: Any,
+    callbacks: list,
+    metrics: dict[str, float],
+    references: dict[str, dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """What train.py and evaluate.py do after testing: skip counts, the metrics report, analyses and exports."""
+    metrics = dict(metrics)
+    skipped = getattr(datamodule, "skipped", None)
+    if skipped:
+        log.warning("Skipped corrupt samples: %s", dict(skipped))
+        metrics.update({f"data/skipped_{k}": float(v) for k, v in skipped.items()})
+    if not trainer.is_global_zero:
+        return metrics
+    columns, notes = report_references(callbacks)
+    paper = dict(cfg.get("paper_metrics") or {})
+    path = write_metrics(output_dir, metrics, {**(references or {}), **columns, "paper": paper}, notes)
+    log.info("Metrics written to %s", path)
+    if cfg.get("analyses") and hasattr(model, "write_analyses"):
+        model.write_analyses(datamodule.test_dataloader(), output_dir / "analyses")
+    for setting, method in (("export_dir", "export"), ("text_encoder_export_dir", "export_text_encoder")):
+        if cfg.get(setting):
+            if not hasattr(model, method):
+                raise ValueError(f"{type(model).__name__} has no {method}; leave {setting} unset.")
+            getattr(model, method)(cfg[setting])
+            log.info("%s: exported to %s", setting, cfg[setting])
+    return metrics

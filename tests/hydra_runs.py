@@ -1,0 +1,102 @@
+"""Composing the real configs for tests, with the heavy parts swapped for tiny local copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+# Stable Diffusion fine-tuning runs on images folders and a base model (tests/test_finetune_experiments.py)
+FINETUNE_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_") or e == "style_lora")
+# CLIP and DCGAN runs on the bilingual shards (tests/test_experiments.py)
+EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e not in FINETUNE_EXPERIMENTS)
+THESIS_EXPERIMENTS = ("clip_webtoon", "dcgan_webtoon")
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+    """The config an entry point would get, with its run directory (and logs) in ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        cfg.extras.print_config = False
+    return cfg
+
+
+def compose_plain(config_name: str, overrides: list[str]):
+    """The config of an entry point without run directories (generate.py, prepare_data.py)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=overrides)
+
+
+def experiment_overrides(
+    experiment: str, synthetic_dir: Path, data_dir: Path, towers: dict[str, Path], *extra: str
+) -> list[str]:
+    """A few steps of ``experiment`` on the generated dataset, hub towers replaced by local tiny copies.
+
+    These are the swaps a user with local copies makes: towers and encoders by path, the data by ``data.root``,
+    a CPU trainer instead of GPUs, the small extractor where the Inception weights are not at hand.
+    """
+    overrides = [
+        f"experiment={experiment}",
+        f"paths.data_dir={data_dir}",
+        f"data.root={synthetic_dir}",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "callbacks.model_summary=null",
+    ]
+    if experiment not in THESIS_EXPERIMENTS:  # the demo's dataset builder finds the tests' dataset complete
+        overrides.append(f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}")
+    if experiment == "clip_webtoon":
+        overrides += [
+            "trainer=cpu",
+            "trainer.devices=1",
+            f"model.text_encoder.name_or_path={towers['bert']}",
+            f"model.image_encoder.name_or_path={towers['vit']}",
+            "data.batch_size=16",
+        ]
+    if experiment == "dcgan_webtoon":
+        overrides += [
+            "trainer=cpu",
+            f"data.precompute_features.encoder.name_or_path={towers['bert']}",
+            "data.precompute_features.encoder.device=cpu",
+            "model.generator.text_dim=32",
+            "callbacks.image_quality.feature_extractor={_target_: src.demo.feature_extractor.SmallFeatureExtractor}",
+            "data.batch_size=16",
+        ]
+    if experiment.startswith("dcgan"):
+        overrides += ["callbacks.sample_grid.num_per_caption=2"]
+    if experiment.startswith("dcgan_demo"):
+        overrides += ["callbacks.colour_agreement.num_per_caption=2"]
+    return [*overrides, *extra]
+
+
+def synthetic_samples(synthetic_dir: Path) -> int:
+    import json
+
+    return json.loads((synthetic_dir / "dataset.json").read_text())["num_samples"]
+
+
+def tiny_clip_demo_overrides(synthetic_dir: Path, run_dir: Path) -> list[str]:
+    """What the DCGAN demo passes to its on-demand CLIP training in tests: the same experiment, a few steps."""
+    return [
+        f"data.root={synthetic_dir}",
+        f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "report.untrained=false",
+        "analyses=false",
+        "callbacks.model_summary=null",
+        "extras.print_config=false",
+        f"hydra.run.dir={run_dir}",
+    ]
