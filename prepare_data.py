@@ -1,20 +1,30 @@
-"""Write the bilingual shards every module trains on.
+"""Write the bilingual shards every module trains on, and caption image folders for Stable Diffusion fine-tuning.
 
     python prepare_data.py source=synthetic out_dir=data/synthetic num_samples=2000 seed=0
     python prepare_data.py source=coco out_dir=data/coco coco.images_dir=DIR \\
         coco.captions_json=[DIR/annotations/captions_train2014.json,DIR/annotations/captions_val2014.json] \\
         coco.korean_json=MSCOCO_train_val_Korean.json [coco.karpathy_json=dataset_coco.json]
+    python prepare_data.py source=captions images_dir=DIR captioner=Salesforce/blip-image-captioning-base \\
+        replace='{"a building with a roof": "*"}' [batch_size=8] [overwrite=true]
+
+source=captions writes a kohya ``<image>.txt`` caption beside each image of images_dir (BLIP's caption with each
+phrase of ``replace`` swapped, as paper 000 did for Textual Inversion); images that have one are kept unless
+overwrite=true. ``captioner`` is a hub id or a local copy (``save_pretrained`` output).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+SOURCES = ("synthetic", "coco", "captions")
 
 
 def _path(value: str | None) -> str | None:
@@ -24,14 +34,18 @@ def _path(value: str | None) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prepare_data")
-def main(cfg: DictConfig) -> dict[str, int]:
-    """Build the shards of ``cfg.source`` into ``cfg.out_dir`` and print the counts."""
-    if cfg.source not in ("synthetic", "coco"):
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Build the shards of ``cfg.source`` into ``cfg.out_dir`` (or caption ``cfg.images_dir``); print the counts."""
+    if cfg.source not in SOURCES:
         # Checked before out_dir, whose default is looked up by source and would fail less clearly.
-        raise ValueError(f"source must be 'synthetic' or 'coco', got {cfg.source!r}")
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {cfg.source!r}")
+    if cfg.source == "captions":
+        counts = caption_folder(cfg)
+        print(json.dumps({"source": cfg.source, "images_dir": _path(cfg.images_dir), **counts}, indent=2))
+        return counts
     out_dir = _path(cfg.out_dir)
     if cfg.source == "synthetic":
-        from src.data.synthetic import generate_synthetic_dataset
+        from src.demo.synthetic import generate_synthetic_dataset
 
         counts = generate_synthetic_dataset(
             out_dir,
@@ -65,5 +79,46 @@ def main(cfg: DictConfig) -> dict[str, int]:
     return counts
 
 
+def caption_folder(cfg: DictConfig) -> dict[str, Any]:
+    from src.data.captioning import caption_images
+
+    if not cfg.images_dir:
+        raise ValueError("source=captions needs images_dir=DIR, the folder of images to caption.")
+    replace = cfg.replace or {}
+    # a JSON object arrives as a string (see quote_json_overrides), Hydra's own dict syntax as a DictConfig
+    replace = (
+        json.loads(replace) if isinstance(replace, str) else OmegaConf.to_container(OmegaConf.create(replace))
+    )
+    return caption_images(
+        _path(cfg.images_dir),
+        captioner=cfg.captioner,
+        replace=replace,
+        batch_size=cfg.batch_size,
+        overwrite=cfg.overwrite,
+        max_new_tokens=cfg.max_new_tokens,
+        device=cfg.device,
+    )
+
+
+def quote_json_overrides(argv: list[str]) -> list[str]:
+    """Hydra's override grammar has no quoted dict keys, so ``replace={"a building with a roof": "*"}`` (JSON)
+    would not parse: such a JSON object is handed on as a quoted string, which :func:`caption_folder` decodes."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "replace" and value.lstrip().startswith("{"):
+            try:
+                json.loads(value)
+            except ValueError:  # Hydra's own dict syntax: {a building with a roof: "*"}
+                quoted.append(arg)
+                continue
+            # inside a quoted override only a quote needs its backslash; "\\${" keeps OmegaConf from interpolating
+            escaped = value.replace("'", "\\'").replace("${", "\\${")
+            arg = f"{key}='{escaped}'"
+        quoted.append(arg)
+    return quoted
+
+
 if __name__ == "__main__":
+    sys.argv = quote_json_overrides(sys.argv)
     main()
