@@ -171,6 +171,7 @@ def test_finetune_experiment_trains_only_its_parameters_and_exports_what_diffuse
     # Training time and peak memory reach the loggers.
     logged = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/time_s", "train/peak_memory_mb", "train/loss"} <= set(logged)
+    assert metrics["train/time_s"] > 0 and metrics["train/peak_memory_mb"] > 0
 
 
 @pytest.fixture(scope="module")

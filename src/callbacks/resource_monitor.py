@@ -51,9 +51,10 @@ class ResourceMonitor(Callback):
         metrics = self._close_window(pl_module) if self._window_steps else {}
         self.time_s = perf_counter() - self._start
         self.peak_memory_mb = peak_memory_mb(pl_module.device)
-        self._log(
-            trainer, {**metrics, "train/time_s": self.time_s, "train/peak_memory_mb": self.peak_memory_mb}
-        )
+        totals = {"train/time_s": self.time_s, "train/peak_memory_mb": self.peak_memory_mb}
+        self._log(trainer, {**metrics, **totals})
+        # Also into the run's final metrics (metrics.json / metrics.md), which train.py reads from here.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in totals.items()})
 
     def _close_window(self, pl_module: LightningModule) -> dict[str, float]:
         now = perf_counter()
