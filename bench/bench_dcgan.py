@@ -18,10 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from src.data.datamodule import WebtoonShardDataModule
-from src.data.synthetic import generate_synthetic_dataset
 from src.data.text_features import TextFeatureEncoder, precompute_text_features
+from src.demo.synthetic import generate_synthetic_dataset
 from src.modules.dcgan_module import TextToWebtoonGAN
-from src.modules.networks.dcgan import WebtoonDiscriminator, WebtoonGenerator
 
 ENCODER = {
     "name_or_path": None,
@@ -40,9 +39,7 @@ ENCODER = {
 
 def make_gan() -> TextToWebtoonGAN:
     torch.manual_seed(0)
-    return TextToWebtoonGAN(
-        WebtoonGenerator(text_dim=768, base_channels=32), WebtoonDiscriminator(text_dim=768, base_channels=32)
-    )
+    return TextToWebtoonGAN(**make_gan_kwargs())
 
 
 def fit_seconds(model: L.LightningModule, loader, batches: int) -> float:
@@ -118,11 +115,11 @@ def main() -> None:
         generate_synthetic_dataset(raw, num_samples=args.samples, seed=0, split_fractions=(1.0, 0.0, 0.0))
         encoder = TextFeatureEncoder(**ENCODER, tokenizer=str(raw / "tokenizer"))
         precompute_text_features(str(raw / "train-*.tar"), features, encoder, progress=False)
-        common = dict(batch_size=32, num_workers=0, image_size=64, train_samples=32 * args.batches)
-        precomputed = WebtoonShardDataModule(
-            train_shards=str(features / "train-*.tar"), text_features=True, **common
+        common = dict(
+            batch_size=32, num_workers=0, preprocess={"image_size": 64}, train_samples=32 * args.batches
         )
-        raw_captions = WebtoonShardDataModule(train_shards=str(raw / "train-*.tar"), **common)
+        precomputed = WebtoonShardDataModule(root=str(features), text_features=True, **common)
+        raw_captions = WebtoonShardDataModule(root=str(raw), **common)
 
         fit_seconds(make_gan(), precomputed.train_dataloader(), 3)  # warm-up: allocator, kernels, imports
         with_features = fit_seconds(make_gan(), precomputed.train_dataloader(), args.batches)
@@ -147,8 +144,8 @@ def main() -> None:
 def make_gan_kwargs() -> dict:
     torch.manual_seed(0)
     return {
-        "generator": WebtoonGenerator(text_dim=768, base_channels=32),
-        "discriminator": WebtoonDiscriminator(text_dim=768, base_channels=32),
+        "generator": {"text_dim": 768, "base_channels": 32},
+        "discriminator": {"text_dim": 768, "base_channels": 32},
     }
 
 

@@ -1,8 +1,7 @@
-"""FID / IS with the offline extractor, the Lightning callbacks, the Inception weights error, and generate.py."""
+"""FID / IS with the demo extractor, the Lightning callbacks, the Inception weights error, captioned grids."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,14 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from src.callbacks.image_quality import ImageQualityMetrics
 from src.callbacks.sample_grid import CaptionSampleGrid
+from src.demo.feature_extractor import SmallFeatureExtractor
 from src.metrics.image_quality import (
     INCEPTION_WEIGHTS_FILE,
     FeatureOutput,
     ImageQuality,
     MissingInceptionWeightsError,
     SeededInceptionScore,
-    build_feature_extractor,
+    build_inception,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +43,12 @@ def noise_images(n: int, size: int = 32, seed: int = 1) -> torch.Tensor:
 
 
 def test_small_extractor_fid_and_is():
-    metric = ImageQuality(build_feature_extractor("small"), splits=4)
+    metric = ImageQuality(SmallFeatureExtractor(), splits=4)
     images = solid_colours(40)
     metric.update(images, real=True)
     metric.update(images, real=False)
     same = metric.compute()
     assert abs(float(same["fid"])) < 1e-3
-    assert float(same["is"]) >= 1.0 and float(same["is_std"]) >= 0.0
 
     metric.reset()
     metric.update(images, real=True)
@@ -57,14 +56,14 @@ def test_small_extractor_fid_and_is():
     different = metric.compute()
     assert float(different["fid"]) > 0.1
     # The extractor is deterministic: a second one gives the same numbers.
-    again = ImageQuality(build_feature_extractor("small"), splits=4)
+    again = ImageQuality(SmallFeatureExtractor(), splits=4)
     again.update(images, real=True)
     again.update(noise_images(40), real=False)
     torch.testing.assert_close(again.compute()["fid"], different["fid"])
 
 
 def test_extractor_as_torchmetrics_feature_accepts_uint8_and_float():
-    extractor = build_feature_extractor("small")
+    extractor = SmallFeatureExtractor()
     images = noise_images(8)
     # normalize=True: float [0, 1] goes to the custom module unchanged; normalize=False: uint8.
     as_float = FrechetInceptionDistance(feature=FeatureOutput(extractor), normalize=True)
@@ -74,17 +73,24 @@ def test_extractor_as_torchmetrics_feature_accepts_uint8_and_float():
     as_uint8.update(images, real=True)
     as_uint8.update(solid_colours(8), real=False)
     torch.testing.assert_close(as_float.compute(), as_uint8.compute(), rtol=1e-4, atol=1e-4)
-    # torchmetrics' IS casts normalised floats to uint8 itself; the logits output serves it.
-    inception_score = SeededInceptionScore(FeatureOutput(extractor, "logits"), splits=2)
+    # The logits output serves torchmetrics' IS: one split gives exp(E_x KL(p(y|x) || p(y))) of those logits.
+    inception_score = SeededInceptionScore(FeatureOutput(extractor, "logits"), splits=1)
     inception_score.update(images)
-    assert float(inception_score.compute()[0]) >= 1.0
+    log_p = extractor(images)[1].double().log_softmax(dim=1)
+    log_marginal = log_p.exp().mean(dim=0).log()
+    expected = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean().exp()
+    torch.testing.assert_close(inception_score.compute()[0].double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_inception_score_clips_splits_to_sample_count():
-    metric = SeededInceptionScore(nn.Identity(), splits=10)
-    metric.update(torch.randn(5, 10, generator=torch.Generator().manual_seed(0)))
-    mean, std = metric.compute()
-    assert torch.isfinite(mean) and torch.isfinite(std) and float(mean) >= 1.0
+    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    scores = []
+    for splits in (10, 2):  # 5 images allow at most 2 splits of >= 2 images
+        metric = SeededInceptionScore(nn.Identity(), splits=splits)
+        metric.update(logits)
+        scores.append(metric.compute())
+    torch.testing.assert_close(scores[0], scores[1])
+    assert torch.isfinite(scores[0][1]) and float(scores[0][1]) > 0  # two splits: a spread
 
 
 def test_inception_without_weights_raises_one_clear_error(tmp_path, monkeypatch):
@@ -96,16 +102,16 @@ def test_inception_without_weights_raises_one_clear_error(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     with pytest.raises(MissingInceptionWeightsError) as error:
-        build_feature_extractor("inception")
+        build_inception()
     message = str(error.value)
     assert "callbacks.image_quality.weights_path=" in message and INCEPTION_WEIGHTS_FILE in message
     assert "https://github.com/toshas/torch-fidelity/releases" in message
     with pytest.raises(MissingInceptionWeightsError, match="does not exist"):
-        build_feature_extractor("inception", weights_path=tmp_path / "nowhere.pth")
+        build_inception(weights_path=tmp_path / "nowhere.pth")
     bogus = tmp_path / INCEPTION_WEIGHTS_FILE
     torch.save({"not": torch.zeros(1)}, bogus)
     with pytest.raises(MissingInceptionWeightsError, match="not the torch-fidelity Inception"):
-        build_feature_extractor("inception", weights_path=bogus)
+        build_inception(weights_path=bogus)
     # The callback fails at setup, before any training epoch.
     with pytest.raises(MissingInceptionWeightsError, match="weights_path"):
         ImageQualityMetrics(feature_extractor="inception").setup(None, None, "fit")
@@ -121,7 +127,7 @@ def test_inception_loads_a_local_weights_file(tmp_path, monkeypatch):
         random_net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], "unused")
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
     torch.save(random_net.state_dict(), weights)
-    extractor = build_feature_extractor("inception", weights_path=weights)
+    extractor = build_inception(weights_path=weights)
     # The reference resize to 299 px costs seconds on a CPU; 75 px (Inception's minimum) checks the same wiring.
     extractor.net.INPUT_IMAGE_SIZE = 75
     features, logits = extractor(torch.rand(2, 3, 32, 32))
@@ -207,135 +213,76 @@ def tiny_trainer(tmp_path, callbacks, logger=None, max_epochs=1) -> Trainer:
 
 def test_callback_logs_fid_and_is_on_its_epochs(tmp_path):
     logger = RecordingLogger()
-    callback = ImageQualityMetrics(feature_extractor="small", every_n_epochs=2, splits=3, max_samples=10)
+    callback = ImageQualityMetrics(
+        feature_extractor=SmallFeatureExtractor(), every_n_epochs=2, splits=3, max_samples=10
+    )
     trainer = tiny_trainer(tmp_path, [callback], logger=logger, max_epochs=2)
     trainer.fit(ToyGenerator(), train_dataloaders=loader(), val_dataloaders=loader())
     logged = [set(m) for m in logger.history if "epoch" in m]
     with_fid = [keys for keys in logged if "val/fid" in keys]
     assert len(with_fid) == 1 and {"val/is", "val/is_std"} <= with_fid[0]
-    assert float(trainer.callback_metrics["val/fid"]) > 0 and float(trainer.callback_metrics["val/is"]) >= 1
+    # tanh-squashed linear images are not the real noise images
+    assert float(trainer.callback_metrics["val/fid"]) > 0.1
+    note = callback.report_notes()[0]
+    assert "SmallFeatureExtractor" in note and "never with published" in note
     assert int(callback._metrics["val"].fid.fake_features_num_samples) == 0  # reset after logging
 
     trainer.test(ToyGenerator(), dataloaders=loader(), verbose=False)
     assert {"test/fid", "test/is", "test/is_std"} <= set(trainer.callback_metrics)
 
 
-def write_tokenizer(directory: Path, captions: list[str]) -> str:
-    from transformers import BertTokenizer
+class SolidColourPipeline:
+    """A caption-to-image pipeline whose images depend only on the seed: every caption row must be the same."""
 
-    chars = sorted({ch for caption in captions for ch in caption if not ch.isspace()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{ch}" for ch in chars]]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizer.from_pretrained(str(directory), do_lower_case=False).save_pretrained(str(directory))
-    return str(directory)
+    def __call__(self, captions, num_images_per_caption=1, seed=0):
+        colours = torch.rand(num_images_per_caption, 3, 1, 1, generator=torch.Generator().manual_seed(seed))
+        return colours.expand(-1, 3, 16, 16).unsqueeze(0).repeat(len(captions), 1, 1, 1, 1)
 
 
-TINY_BERT = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+class ToyGeneratorWithPipeline(ToyGenerator):
+    def pipeline(self):
+        return SolidColourPipeline()
 
 
-def test_sample_grid_writes_png_rows_per_caption(tmp_path):
+def test_sample_grid_prints_each_caption_beside_its_row(tmp_path):
+    from src.utils.image_grid import captioned_grid
+
     captions = ["a large red circle", "큰 빨간 원", "a small blue square"]
-    encoder = {
-        "name_or_path": None,
-        "config": TINY_BERT,
-        "tokenizer": write_tokenizer(tmp_path / "tok", captions),
-    }
-    grid = CaptionSampleGrid(captions, encoder=encoder, num_per_caption=4, seed=7)
+    grid = CaptionSampleGrid(captions, num_per_caption=4, seed=7)
     trainer = tiny_trainer(tmp_path / "run", [grid])
-    trainer.fit(ToyGenerator(), train_dataloaders=loader(), val_dataloaders=loader())
+    trainer.fit(ToyGeneratorWithPipeline(), train_dataloaders=loader(), val_dataloaders=loader())
 
     path = tmp_path / "run" / "samples" / "epoch_000.png"
     assert grid.last_path == path and path.exists()
-    image = Image.open(path)
-    # make_grid with padding 2: 4 columns and 3 rows of 16-pixel images.
-    assert image.size == (4 * (16 + 2) + 2, 3 * (16 + 2) + 2)
-    pixels = torch.from_numpy(np.array(image.convert("RGB")))
-    rows = [pixels[2 + r * 18 : 18 + r * 18] for r in range(3)]
-    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])  # same noise in every row
-    assert path.with_suffix(".txt").read_text(encoding="utf-8").splitlines()[1] == "row 1: 큰 빨간 원"
+    image = np.array(Image.open(path).convert("RGB")).astype(int)
+    expected = captioned_grid(list(SolidColourPipeline()(captions, 4, seed=7)), captions)
+    assert image.shape == np.array(expected).shape
+    np.testing.assert_array_equal(image, np.array(expected))
+    # Geometry of captioned_grid: caption column 260 px, cells of 128 px with 4 px padding.
+    rows = [image[4 + r * 132 : 132 + r * 132, 264:] for r in range(3)]
+    assert (rows[0] == rows[1]).all() and (rows[1] == rows[2]).all()  # same noise in every row
+    captions_area = [image[4 + r * 132 : 132 + r * 132, :260] for r in range(3)]
+    assert all((area < 128).any() for area in captions_area)  # text is drawn beside every row
+    assert not (captions_area[0] == captions_area[1]).all()
 
 
-class ToyGAN(LightningModule):
-    """Stands in for TextToWebtoonGAN: networks passed in, rebuilt from `_target_` configs by generate.py."""
+def test_hangul_captions_render_as_glyphs_not_boxes():
+    from src.utils.image_grid import caption_font, font_path
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, noise_dim: int = 4) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["generator", "discriminator"])
-        self.generator = generator
-        self.discriminator = discriminator
+    assert font_path() is not None and font_path().endswith("NanumGothic.ttf")
+    from PIL import ImageDraw
 
-    def generate(self, text_features, noise=None, generator=None):
-        if noise is None:
-            noise = torch.randn(text_features.shape[0], self.hparams.noise_dim, generator=generator)
-        out = self.generator(torch.cat([noise.to(text_features), text_features], dim=1))
-        return torch.tanh(out).view(-1, 3, 8, 8)
+    font = caption_font(20)
 
+    def render(text: str) -> np.ndarray:
+        canvas = Image.new("L", (40, 40), 0)
+        ImageDraw.Draw(canvas).text((5, 5), text, fill=255, font=font)
+        return np.array(canvas)
 
-def test_generate_from_checkpoint(tmp_path, monkeypatch):
-    import lightning
-    from hydra import compose, initialize_config_dir
-
-    from src.data.schema import WebtoonSample
-    from src.data.shards import write_shards
-    from src.data.text_features import TextFeatureEncoder, precompute_text_features
-
-    captions = ["a large red circle", "큰 빨간 원"]
-    tokenizer = write_tokenizer(tmp_path / "tok", captions)
-    shards = tmp_path / "shards"
-    sample = WebtoonSample("k0", Image.new("RGB", (8, 8)), captions_en=captions[:1], captions_ko=captions[1:])
-    write_shards([sample], shards, "train")
-    features = tmp_path / "features"
-    encoder = TextFeatureEncoder(None, config=TINY_BERT, tokenizer=tokenizer, seed=5)
-    precompute_text_features(str(shards / "train-000000.tar"), features, encoder, progress=False)
-
-    g_cfg = {"_target_": "torch.nn.Linear", "in_features": 4 + 32, "out_features": 3 * 8 * 8}
-    d_cfg = {"_target_": "torch.nn.Linear", "in_features": 3 * 8 * 8, "out_features": 1}
-    module = ToyGAN(nn.Linear(36, 192), nn.Linear(192, 1))
-    checkpoint = tmp_path / "toy.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": {**module.hparams, "generator": g_cfg, "discriminator": d_cfg},
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        checkpoint,
-    )
-
-    monkeypatch.syspath_prepend(str(ROOT))
-    from generate import generate_from_config
-
-    overrides = [
-        f"ckpt_path={checkpoint}",
-        'captions=["a large red circle", "큰 빨간 원"]',
-        f"out_dir={tmp_path / 'out'}",
-        f"features_dir={features}",
-        "num_per_caption=2",
-        "device=cpu",
-        f"module_class={__name__}.ToyGAN",
-    ]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="generate", overrides=overrides)
-    files = generate_from_config(cfg)
-    assert files == {
-        "000_0.png": captions[0],
-        "000_1.png": captions[0],
-        "001_0.png": captions[1],
-        "001_1.png": captions[1],
-    }
-    assert json.loads((tmp_path / "out" / "captions.json").read_text(encoding="utf-8")) == files
-    assert Image.open(tmp_path / "out" / "001_1.png").size == (8, 8)
-    # Same weights, same encoder, same seed: identical images on a second run.
-    first = (tmp_path / "out" / "000_0.png").read_bytes()
-    generate_from_config(cfg)
-    assert (tmp_path / "out" / "000_0.png").read_bytes() == first
+    masks = [render(text) for text in ("원", "빨", "큰")]
+    # A font without Hangul draws the same missing-glyph box for every syllable.
+    assert all(mask.sum() > 0 for mask in masks)
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
 
 
 def test_small_extractor_inception_score_separates_diverse_from_identical_images(synthetic_dir):
@@ -358,7 +305,7 @@ def test_small_extractor_inception_score_separates_diverse_from_identical_images
     repeated = diverse[:1].expand(24, -1, -1, -1)
     scores = []
     for fake in (diverse, repeated):
-        metric = ImageQuality(build_feature_extractor("small"), splits=2)
+        metric = ImageQuality(SmallFeatureExtractor(), splits=2)
         metric.update(diverse, real=True)
         metric.update(fake, real=False)
         scores.append(metric.compute()["is"])

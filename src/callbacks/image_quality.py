@@ -24,7 +24,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from src.metrics.image_quality import ImageQuality, build_feature_extractor
+from src.metrics.image_quality import ImageQuality, build_inception
 
 __all__ = ["ImageQualityMetrics"]
 
@@ -34,7 +34,7 @@ class ImageQualityMetrics(Callback):
 
     def __init__(
         self,
-        feature_extractor: Literal["small", "inception"] = "small",
+        feature_extractor: Literal["inception"] | torch.nn.Module = "inception",
         weights_path: str | os.PathLike | None = None,
         every_n_epochs: int = 1,
         max_samples: int | None = None,
@@ -43,7 +43,9 @@ class ImageQualityMetrics(Callback):
         cache_real_features: bool = False,
         seed: int = 0,
     ) -> None:
-        """``max_samples`` caps real and fake images per evaluation (over all processes); ``splits`` is IS's."""
+        """``feature_extractor``: "inception" (the standard FID network, what papers report) or any module with
+        its interface (numbers then compare only with themselves). ``max_samples`` caps real and fake images per
+        evaluation (over all processes); ``splits`` is IS's."""
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -67,9 +69,24 @@ class ImageQualityMetrics(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Built before any epoch so a missing Inception file fails at once, not after the first training epoch.
         if self._extractor is None:
-            self._extractor = build_feature_extractor(
-                self.feature_extractor, weights_path=self.weights_path, download=self.download, seed=self.seed
-            )
+            if isinstance(self.feature_extractor, torch.nn.Module):
+                self._extractor = self.feature_extractor
+            elif self.feature_extractor == "inception":
+                self._extractor = build_inception(self.weights_path, self.download)
+            else:
+                raise ValueError(
+                    f"feature_extractor must be 'inception' or a feature extractor module, got {self.feature_extractor!r}"
+                )
+
+    def report_notes(self) -> list[str]:
+        """What a reader of the metrics table must know about these numbers."""
+        if isinstance(self.feature_extractor, torch.nn.Module):
+            name = type(self.feature_extractor).__name__
+            return [
+                f"IS and FID use {name}, not the standard FID Inception: they compare only with other numbers "
+                f"from {name}, never with published IS/FID."
+            ]
+        return ["IS and FID use the standard FID Inception (torch-fidelity's port of the TF network)."]
 
     def _metric(self, stage: str) -> ImageQuality:
         if stage not in self._metrics:

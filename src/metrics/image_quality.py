@@ -1,13 +1,11 @@
 """Feature extractors and FID / IS statistics for generated images (thesis: IS 4.992, FID 22.212 on the test split).
 
-Two extractors, one interface: ``extractor(images) -> (features [N, num_features], logits [N, num_classes])`` for
-uint8 images in [0, 255] or float images in [0, 1], any size (each extractor resizes itself).
-
-- ``"inception"``: torch-fidelity's ``FeatureExtractorInceptionV3`` (2048-d pool features for FID, 1008
-  ``logits_unbiased`` for IS, TensorFlow-compatible resize), the network behind published FID / IS numbers.
-  Its weights file is never downloaded behind your back: give ``weights_path`` or ``download=True``.
-- ``"small"``: a tiny conv net with fixed random weights (seeded). Its numbers are only comparable with other
-  numbers from the same small extractor; it exists for offline demos and tests, never for reporting.
+An extractor maps uint8 images in [0, 255] or float images in [0, 1], any size (it resizes itself), to
+``(features [N, num_features], logits [N, num_classes])``. The library's one is torch-fidelity's
+``FeatureExtractorInceptionV3`` (2048-d pool features for FID, 1008 ``logits_unbiased`` for IS, TensorFlow-
+compatible resize), the network behind published FID / IS numbers; its weights file is never downloaded behind
+your back: give ``weights_path`` or ``download=True``. Any module with that interface can stand in for it
+(the offline demo passes a small one), but its numbers then compare only with themselves.
 
 The statistics are torchmetrics' ``FrechetInceptionDistance`` and ``InceptionScore`` (state handling, float64
 covariances, DDP sync); :class:`ImageQuality` runs the extractor once per image and feeds both.
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
@@ -37,8 +34,7 @@ __all__ = [
     "InceptionFeatureExtractor",
     "MissingInceptionWeightsError",
     "SeededInceptionScore",
-    "SmallFeatureExtractor",
-    "build_feature_extractor",
+    "build_inception",
     "images_to_uint8",
 ]
 
@@ -59,60 +55,6 @@ def images_to_uint8(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def _images_to_unit_float(images: Tensor) -> Tensor:
-    if images.dtype == torch.uint8:
-        return images.float() / 255
-    return images.float().clamp(0, 1)
-
-
-class SmallFeatureExtractor(nn.Module):
-    """Tiny seeded random conv net: 64-d features and 10 logits. Numbers are comparable only within this net."""
-
-    def __init__(
-        self, num_features: int = 64, num_classes: int = 10, image_size: int = 64, seed: int = 0
-    ) -> None:
-        super().__init__()
-        if num_features % 2:
-            raise ValueError("num_features must be even (mean and std of each channel).")
-        self.num_features = num_features
-        self.num_classes = num_classes
-        self.image_size = image_size
-        channels = num_features // 2
-        # Built under a private seed so every run, rank and test gets the same weights.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.convs = nn.ModuleList(
-                [
-                    nn.Conv2d(3, 16, 3, stride=2, padding=1),
-                    nn.Conv2d(16, channels, 3, stride=2, padding=1),
-                    nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-                ]
-            )
-            for conv in self.convs:
-                # He init keeps activations at unit scale through the random layers, so distances are not tiny.
-                nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
-                nn.init.zeros_(conv.bias)
-            self.head = nn.Linear(num_features, num_classes)
-            # Random features vary little (std ~0.25), so default-scale logits give near-uniform class
-            # probabilities and an IS stuck at 1.0 for any image set; x20 makes the classes decisive.
-            self.head.weight.data.mul_(20.0)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> SmallFeatureExtractor:
-        """Always in evaluation mode: the metric must not change when Lightning toggles train/eval."""
-        return super().train(False)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = _images_to_unit_float(images.to(self.head.weight.device))
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True) * 2 - 1
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.2)
-        # Mean and spread of every channel: colour and texture statistics in one vector.
-        features = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
-        return features, self.head(features)
 
 
 class InceptionFeatureExtractor(nn.Module):
@@ -147,8 +89,7 @@ def _missing_inception_weights(reason: str, setting: str) -> MissingInceptionWei
         f"FID/IS with the Inception extractor needs the weights file `{INCEPTION_WEIGHTS_FILE}` ({reason}). "
         f"Download it once from {INCEPTION_WEIGHTS_URL} and set "
         f"`{setting}.weights_path=/path/to/{INCEPTION_WEIGHTS_FILE}`, or put it at {cache}, "
-        f"or set `{setting}.download=true` on a machine with network. "
-        f"For offline demos use `{setting}.feature_extractor=small` (numbers not comparable to papers)."
+        f"or set `{setting}.download=true` on a machine with network."
     )
 
 
@@ -175,18 +116,12 @@ def _resolve_inception_weights(weights_path: str | os.PathLike | None, download:
     return cached
 
 
-def build_feature_extractor(
-    name: Literal["inception", "small"] = "small",
+def build_inception(
     weights_path: str | os.PathLike | None = None,
     download: bool = False,
-    seed: int = 0,
     setting: str = "callbacks.image_quality",
-) -> nn.Module:
-    """The extractor ``name``; for ``"inception"`` a missing weights file raises one error naming ``{setting}.weights_path``."""
-    if name == "small":
-        return SmallFeatureExtractor(seed=seed)
-    if name != "inception":
-        raise ValueError(f"feature_extractor must be 'inception' or 'small', got {name!r}")
+) -> InceptionFeatureExtractor:
+    """The FID Inception; a missing or wrong weights file raises one error naming ``{setting}.weights_path``."""
     path = _resolve_inception_weights(weights_path, download, setting)
     try:
         return InceptionFeatureExtractor(path)

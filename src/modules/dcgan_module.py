@@ -2,19 +2,24 @@
 
 Per batch: one discriminator step on (real, right text), (real, wrong text) and (fake, right text), then one
 generator step on the adversarial term plus feature matching (Salimans et al. 2016) and, optionally, GAN-INT on
-interpolated sentence vectors. Networks come from the config (``src/modules/networks/dcgan.py``); the sentence
-vectors are precomputed multilingual-BERT features delivered by the data layer.
+interpolated sentence vectors and mode seeking (Mao et al. 2019) against a generator that ignores its noise.
+Networks are ``src/modules/networks/dcgan.py``; the sentence vectors are precomputed by the data layer, and the
+encoder that computed them is recorded in the checkpoint so that generation encodes new captions alike.
 """
 
+from __future__ import annotations
+
 import functools
-from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
 
-from src.modules.gan_losses import discriminator_loss, generator_loss, interpolate_text
+from src.data.preprocess import Preprocess
+from src.modules.gan_losses import discriminator_loss, generator_loss, interpolate_text, mode_seeking_loss
+from src.modules.networks.dcgan import WebtoonDiscriminator, WebtoonGenerator
 
 __all__ = ["TextToWebtoonGAN"]
 
@@ -25,55 +30,46 @@ INTERPOLATION_BETA = 0.5
 THESIS_ADAM = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
 
 
-def _build_network(spec: nn.Module | Mapping[str, Any]) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The network, built from ``spec`` when it is a ``_target_`` config, and a plain config that rebuilds it."""
-    if isinstance(spec, nn.Module):
-        init_config = getattr(spec, "init_config", None)
-        if init_config is None:  # a network that cannot describe itself must be passed again when loading
-            return spec, None
-        cls = type(spec)
-        return spec, {"_target_": f"{cls.__module__}.{cls.__qualname__}", **init_config}
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
-    return instantiate(config), config
-
-
 class TextToWebtoonGAN(LightningModule):
     """GAN-INT-CLS training of a text-conditioned DCGAN with manual optimisation (one D step, then one G step)."""
 
     def __init__(
         self,
-        generator: nn.Module | Mapping[str, Any],
-        discriminator: nn.Module | Mapping[str, Any],
+        generator: dict[str, Any],
+        discriminator: dict[str, Any],
+        preprocess: dict[str, Any] | None = None,
         optimizer_g: functools.partial | None = None,
         optimizer_d: functools.partial | None = None,
-        noise_dim: int = 100,
         label_smoothing: float = 0.1,
         feature_matching_weight: float = 1.0,
         interpolation_weight: float = 0.0,
+        mode_seeking_weight: float = 0.0,
         fixed_noise_seed: int = 0,
+        text_features_dir: str | None = None,
+        caption_encoder: dict[str, Any] | None = None,
     ) -> None:
+        """``generator`` / ``discriminator``: keyword arguments of the networks (kept in checkpoints to rebuild them).
+
+        ``text_features_dir``: the precomputed features the GAN trains on; their encoder record
+        (``text_features.json``) is copied into ``caption_encoder`` when fitting starts, so a checkpoint alone
+        says how to encode new captions.
+        """
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        # Optimizer partials stay out of the hparams: a functools.partial there would make every checkpoint
-        # unloadable with torch.load's default weights_only=True (resume, test with ckpt_path, load_from_checkpoint).
-        self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer_g", "optimizer_d"])
-        self.generator, generator_config = _build_network(generator)
-        self.discriminator, discriminator_config = _build_network(discriminator)
-        if getattr(self.generator, "noise_dim", noise_dim) != noise_dim:
+        # Optimizer partials stay out of the hparams: checkpoints then load with weights_only=True.
+        self.save_hyperparameters(ignore=["optimizer_g", "optimizer_d"], logger=False)
+        self.generator = WebtoonGenerator(**generator)
+        self.discriminator = WebtoonDiscriminator(**discriminator)
+        self.preprocess = Preprocess.of(preprocess or {"image_size": self.generator.image_size})
+        if self.preprocess.image_size != self.generator.image_size:
             raise ValueError(
-                f"noise_dim={noise_dim} but the generator takes {self.generator.noise_dim}-d noise"
+                f"model.preprocess.image_size={self.preprocess.image_size} but the generator draws "
+                f"{self.generator.image_size}px images"
             )
-        # Plain `_target_` configs instead of the modules, so a checkpoint alone rebuilds the model (nanoGPT-style):
-        # `TextToWebtoonGAN.load_from_checkpoint(path)` passes them back to this constructor.
-        for name, config in (("generator", generator_config), ("discriminator", discriminator_config)):
-            if config is not None:
-                self.hparams[name] = config
-        self.optimizer_g = optimizer_g if optimizer_g is not None else THESIS_ADAM
-        self.optimizer_d = optimizer_d if optimizer_d is not None else THESIS_ADAM
+        self.optimizer_g = optimizer_g or THESIS_ADAM
+        self.optimizer_d = optimizer_d or THESIS_ADAM
+        self._pipeline = None
         # Two optimizers stepped in a fixed order per batch: Lightning's automatic loop cannot express that.
         self.automatic_optimization = False
 
@@ -82,22 +78,31 @@ class TextToWebtoonGAN(LightningModule):
         """D's target for (real image, right text); < 1 is one-sided label smoothing (Salimans et al. 2016)."""
         return 1.0 - self.hparams.label_smoothing
 
+    @property
+    def noise_dim(self) -> int:
+        return self.generator.noise_dim
+
+    def setup(self, stage: str) -> None:
+        from src.data.text_features import METADATA_FILE, read_encoder_metadata
+
+        features_dir = self.hparams.text_features_dir
+        if (
+            self.hparams.caption_encoder is None
+            and features_dir
+            and (Path(features_dir) / METADATA_FILE).is_file()
+        ):
+            # The DataModule has computed the features by now (prepare_data runs before setup).
+            self.hparams.caption_encoder = read_encoder_metadata(features_dir)
+
     def sample_noise(self, n: int, seed: int | None = None) -> Tensor:
         """``n`` noise vectors on this module's device, a deterministic function of ``seed`` (default ``fixed_noise_seed``)."""
         # Drawn on the CPU so the same seed gives the same noise on every device.
         rng = torch.Generator().manual_seed(self.hparams.fixed_noise_seed if seed is None else seed)
-        return torch.randn(n, self.hparams.noise_dim, generator=rng).to(self.device)
+        return torch.randn(n, self.noise_dim, generator=rng).to(self.device)
 
     @torch.no_grad()
-    def generate(
-        self, text_features: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def generate(self, text_features: Tensor, noise: Tensor) -> Tensor:
         """Images [B, 3, S, S] in [-1, 1] for sentence vectors [B, D], with G in eval mode (dropout off, running BN stats)."""
-        if noise is None:
-            device = generator.device if generator is not None else text_features.device
-            noise = torch.randn(
-                text_features.shape[0], self.hparams.noise_dim, generator=generator, device=device
-            )
         was_training = self.generator.training
         self.generator.eval()
         try:
@@ -105,12 +110,20 @@ class TextToWebtoonGAN(LightningModule):
         finally:
             self.generator.train(was_training)
 
+    def pipeline(self):
+        """Captions -> images with this generator and the caption encoder it was trained with (built once)."""
+        if self._pipeline is None:
+            from src.pipelines.text_to_webtoon_gan import TextToWebtoonGANPipeline
+
+            self._pipeline = TextToWebtoonGANPipeline.for_module(self)
+        return self._pipeline
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         real, right, wrong = batch["image"], batch["text_features"], batch["wrong_text_features"]
         batch_size = real.shape[0]
         opt_g, opt_d = self.optimizers()
 
-        noise = torch.randn(batch_size, self.hparams.noise_dim, device=real.device, dtype=real.dtype)
+        noise = torch.randn(batch_size, self.noise_dim, device=real.device, dtype=real.dtype)
         # One forward through G, reused by both steps: detached for D, with its graph for G (DCGAN recipe).
         fake = self.generator(noise, right)
 
@@ -141,10 +154,16 @@ class TextToWebtoonGAN(LightningModule):
                 # GAN-INT (Reed et al. 2016): also fool D on sentence vectors between captions, which fills the
                 # text manifold; these have no real image, so only the adversarial term applies.
                 mixed = interpolate_text(right, INTERPOLATION_BETA)
-                mixed_noise = torch.randn_like(noise)
-                mixed_logits, _ = self.discriminator(self.generator(mixed_noise, mixed), mixed)
+                mixed_logits, _ = self.discriminator(self.generator(torch.randn_like(noise), mixed), mixed)
                 g_terms["g_interpolated"] = generator_loss(mixed_logits)["g_adv"]
                 g_loss = g_loss + self.hparams.interpolation_weight * g_terms["g_interpolated"]
+            if self.hparams.mode_seeking_weight > 0:
+                # A second drawing of half the captions with other noise must differ from the first.
+                half = max(1, batch_size // 2)
+                other_noise = torch.randn_like(noise[:half])
+                other = self.generator(other_noise, right[:half])
+                g_terms["g_mode_seeking"] = mode_seeking_loss(fake[:half], other, noise[:half], other_noise)
+                g_loss = g_loss + self.hparams.mode_seeking_weight * g_terms["g_mode_seeking"]
             g_terms["g_loss"] = g_loss
             opt_g.zero_grad()
             self.manual_backward(g_loss)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["discriminator_loss", "generator_loss", "interpolate_text"]
+__all__ = ["discriminator_loss", "generator_loss", "interpolate_text", "mode_seeking_loss"]
 
 
 def _bce_to(logits: Tensor, target: float) -> Tensor:
@@ -67,3 +67,15 @@ def interpolate_text(text_features: Tensor, beta: float = 0.5) -> Tensor:
     The mixtures have no real image, so they only feed the generator's adversarial term (Reed et al. 2016).
     """
     return beta * text_features + (1.0 - beta) * text_features.roll(1, dims=0)
+
+
+def mode_seeking_loss(
+    fake_a: Tensor, fake_b: Tensor, noise_a: Tensor, noise_b: Tensor, eps: float = 1e-5
+) -> Tensor:
+    """Mode seeking (Mao et al. 2019, MSGAN): ``1 / (mean|G(z_a,t) - G(z_b,t)| / mean|z_a - z_b|)``.
+
+    Minimising it pushes two noise vectors of one caption to different images. GAN-CLS generators otherwise
+    learn to ignore their noise and draw one picture per caption (mode collapse).
+    """
+    ratio = (fake_a - fake_b).abs().mean() / (noise_a - noise_b).abs().mean()
+    return 1.0 / (ratio + eps)

@@ -69,15 +69,6 @@ class WebtoonGenerator(nn.Module):
     ) -> None:
         super().__init__()
         num_blocks = _num_doublings(image_size)
-        # Constructor arguments, stored in checkpoints so the network can be rebuilt from them alone.
-        self.init_config = {
-            "text_dim": text_dim,
-            "noise_dim": noise_dim,
-            "text_embed_dim": text_embed_dim,
-            "base_channels": base_channels,
-            "dropout": dropout,
-            "image_size": image_size,
-        }
         self.noise_dim = noise_dim
         self.image_size = image_size
         self.text_projection = _text_projection(text_dim, text_embed_dim)
@@ -123,13 +114,6 @@ class WebtoonDiscriminator(nn.Module):
     ) -> None:
         super().__init__()
         num_down = _num_doublings(image_size) - int(math.log2(TEXT_JOIN_SIZE))
-        # Constructor arguments, stored in checkpoints so the network can be rebuilt from them alone.
-        self.init_config = {
-            "text_dim": text_dim,
-            "text_embed_dim": text_embed_dim,
-            "base_channels": base_channels,
-            "image_size": image_size,
-        }
         self.image_size = image_size
         self.text_projection = _text_projection(text_dim, text_embed_dim)
 
