@@ -191,3 +191,18 @@ def test_a_missing_base_model_names_the_setting(tmp_path):
         LoRAFineTune(pretrained_model_name_or_path=str(tmp_path / "no_model"))
     with pytest.raises(MissingWeightsError, match="hf download stable-diffusion-v1-5/stable-diffusion-v1-5"):
         LoRAFineTune(pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_dreambooth_with_lora_adds_the_prior_term_for_class_images(tiny_sd):
+    """DreamBooth + LoRA is the LoRA module on DreamBooth's data: the loss is instance + weight x prior."""
+    from src.modules.diffusion.lora import LoRAFineTune
+
+    module = LoRAFineTune(pretrained_model_name_or_path=str(tiny_sd), prior_loss_weight=0.5).train()
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    data = batch(4)
+    data["is_prior"] = torch.tensor([False, False, True, True])
+    torch.manual_seed(0)
+    loss = float(module.training_step(data, 0))
+    assert loss == pytest.approx(logged["train/instance_loss"] + 0.5 * logged["train/prior_loss"], rel=1e-5)
+    assert logged["train/instance_loss"] != logged["train/prior_loss"]
