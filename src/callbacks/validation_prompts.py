@@ -2,8 +2,9 @@
 ``validation_prompt`` and ``validation_steps``, optionally judged by CLIP score.
 
 Works with any LightningModule whose ``pipeline()`` returns a diffusers ``StableDiffusionPipeline`` built from
-its current components. Every render uses the same seeded noise, so the grids of successive steps differ only
-by what training changed, and column ``j`` of every row starts from the same latents.
+its current components; images are drawn by :class:`src.pipelines.stable_diffusion.StableDiffusionGenerator`.
+Every render uses the same seeded noise, so the grids of successive steps differ only by what training changed,
+and column ``j`` of every row starts from the same latents.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from src.callbacks.sample_grid import output_root
+from src.pipelines.stable_diffusion import StableDiffusionGenerator
 from src.utils.image_grid import captioned_grid, save_grid
 
 __all__ = ["ValidationPromptGrid"]
@@ -109,25 +111,16 @@ class ValidationPromptGrid(Callback):
         try:
             for module in modules:
                 module.eval()
-            rows = []
-            with torch.no_grad():
-                # Words the module reads as others, e.g. textual inversion's `*` for its new token.
-                aliases = getattr(pl_module, "prompt_aliases", {})
-                for prompt in self.prompts:
-                    for alias, word in aliases.items():
-                        prompt = prompt.replace(alias, word)
-                    # A CPU generator draws the same latents on every device.
-                    generator = torch.Generator("cpu").manual_seed(self.seed)
-                    output = pipeline(
-                        prompt,
-                        num_images_per_prompt=self.num_images_per_prompt,
-                        num_inference_steps=self.num_inference_steps,
-                        guidance_scale=self.guidance_scale,
-                        generator=generator,
-                        output_type="pt",
-                    )
-                    rows.append(output.images.float().cpu())
+            # The project's one Stable Diffusion generation path (src/pipelines), with the module's aliases
+            # (e.g. textual inversion's `*` for its new token).
+            generator = StableDiffusionGenerator(
+                pipeline,
+                getattr(pl_module, "prompt_aliases", {}),
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+            )
+            images = generator(self.prompts, self.num_images_per_prompt, self.seed)
         finally:
             for module, training in modes.items():
                 module.train(training)
-        return torch.stack(rows)
+        return images
