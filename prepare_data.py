@@ -7,6 +7,15 @@
     python prepare_data.py source=captions images_dir=DIR captioner=Salesforce/blip-image-captioning-base \\
         replace='{"a building with a roof": "*"}' [batch_size=8] [overwrite=true]
 
+Thesis chapter II's dataset stages (docs/dataset_stages.md):
+
+    python prepare_data.py source=coco ... cartoonize.styles=[hayao,hosoda,paprika,shinkai] cartoonize.weights_dir=W
+    python prepare_data.py source=shards shards='DIR/{train,val,test}-*.tar' out_dir=OUT \\
+        cartoonize.styles=[hayao] cartoonize.weights_dir=W [trainer=gpu | trainer=ddp trainer.num_nodes=N]
+
+Cartoonizing writes ``out_dir/<style>/`` beside ``out_dir/photo`` (the originals), runs in Lightning's predict
+loop (so ``trainer=...`` scales it out) and resumes per shard.
+
 source=captions writes a kohya ``<image>.txt`` caption beside each image of images_dir (BLIP's caption with each
 phrase of ``replace`` swapped, as paper 000 did for Textual Inversion); images that have one are kept unless
 overwrite=true. ``captioner`` is a hub id or a local copy (``save_pretrained`` output).
@@ -24,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco", "captions")
+SOURCES = ("synthetic", "coco", "captions", "shards")
 
 
 def _path(value: str | None) -> str | None:
@@ -35,7 +44,8 @@ def _path(value: str | None) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prepare_data")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """Build the shards of ``cfg.source`` into ``cfg.out_dir`` (or caption ``cfg.images_dir``); print the counts."""
+    """Build the shards (or cartoonized shards) of ``cfg.source`` into ``cfg.out_dir``, or caption
+    ``cfg.images_dir``; print the counts."""
     if cfg.source not in SOURCES:
         # Checked before out_dir, whose default is looked up by source and would fail less clearly.
         raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {cfg.source!r}")
@@ -55,28 +65,81 @@ def main(cfg: DictConfig) -> dict[str, Any]:
             split_fractions=tuple(cfg.split_fractions),
             samples_per_shard=cfg.samples_per_shard,
         )
+    elif cfg.source == "coco":
+        counts = coco_shards(cfg, out_dir)
     else:
-        from src.data.coco import build_coco_shards
-
-        captions = (
-            OmegaConf.to_container(cfg.coco.captions_json)
-            if OmegaConf.is_list(cfg.coco.captions_json)
-            else [cfg.coco.captions_json]
-        )
-        counts = build_coco_shards(
-            captions_json=[_path(c) for c in captions],
-            images_dir=_path(cfg.coco.images_dir),
-            korean_json=_path(cfg.coco.korean_json),
-            out_dir=out_dir,
-            karpathy_json=_path(cfg.coco.karpathy_json),
-            val_fraction_of_coco_val=cfg.coco.val_fraction,
-            seed=cfg.seed,
-            samples_per_shard=cfg.samples_per_shard or 1000,
-            max_image_side=cfg.coco.max_image_side,
-            require_korean=cfg.coco.require_korean,
-        )
-    print(json.dumps({"source": cfg.source, "out_dir": out_dir, **counts}, indent=2, ensure_ascii=False))
+        counts = cartoonize(cfg, _shard_patterns(cfg), out_dir)
+    if _is_global_rank_zero():  # DDP ranks run this script too; one summary is enough
+        print(json.dumps({"source": cfg.source, "out_dir": out_dir, **counts}, indent=2, ensure_ascii=False))
     return counts
+
+
+def coco_shards(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
+    """``out_dir/photo`` from COCO, then each of ``cartoonize.styles`` beside it."""
+    from src.data.coco import build_coco_shards
+
+    captions = (
+        OmegaConf.to_container(cfg.coco.captions_json)
+        if OmegaConf.is_list(cfg.coco.captions_json)
+        else [cfg.coco.captions_json]
+    )
+    settings = {
+        "captions_json": [_path(c) for c in captions],
+        "images_dir": _path(cfg.coco.images_dir),
+        "korean_json": _path(cfg.coco.korean_json),
+        "karpathy_json": _path(cfg.coco.karpathy_json),
+        "val_fraction_of_coco_val": cfg.coco.val_fraction,
+        "seed": cfg.seed,
+        "samples_per_shard": cfg.samples_per_shard or 1000,
+        "max_image_side": cfg.coco.max_image_side,
+        "require_korean": cfg.coco.require_korean,
+    }
+
+    def build() -> dict[str, Any]:
+        return build_coco_shards(out_dir=out_dir, **settings)
+
+    if not cfg.cartoonize.styles:
+        return build()
+    from src.data.cartoonize import photo_shards_for_styles
+
+    photo, counts = photo_shards_for_styles(out_dir, settings, build)
+    return {**counts, "cartoonize": cartoonize(cfg, photo, out_dir)}
+
+
+def cartoonize(cfg: DictConfig, shards: str | list[str], out_dir: str) -> dict[str, Any]:
+    from src.data.cartoonize import cartoonize_shards
+
+    settings = cfg.cartoonize
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_options.pop("_target_", None)
+    return cartoonize_shards(
+        shards,
+        out_dir,
+        styles=list(settings.styles),
+        weights_dir=_path(settings.weights_dir),
+        load_size=settings.load_size,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        encode_threads=settings.encode_threads,
+        trainer_options=trainer_options,
+    )
+
+
+def _shard_patterns(cfg: DictConfig) -> list[str]:
+    if not cfg.shards:
+        raise ValueError(
+            f"source={cfg.source} needs shards=PATTERN, e.g. shards='data/coco_webtoon/photo/{{train,val,test}}-*.tar'"
+        )
+    patterns = OmegaConf.to_container(cfg.shards) if OmegaConf.is_list(cfg.shards) else [cfg.shards]
+    return [_path(pattern) for pattern in patterns]
+
+
+def _is_global_rank_zero() -> bool:
+    if "lightning" not in sys.modules:  # no trainer ran in this process
+        return True
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
 
 
 def caption_folder(cfg: DictConfig) -> dict[str, Any]:
@@ -119,6 +182,23 @@ def quote_json_overrides(argv: list[str]) -> list[str]:
     return quoted
 
 
+def quote_shard_patterns(argv: list[str]) -> list[str]:
+    """``shards=DIR/{train,val,test}-*.tar`` as a shell hands it on (its quotes removed) is a Hydra dict and a
+    sweep; such a brace pattern is passed on quoted, so the documented commands work as typed."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "shards" and "{" in value and value[:1] not in ("'", '"', "["):
+            arg = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+        quoted.append(arg)
+    return quoted
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """The command line as typed -> overrides Hydra parses as meant (see the two functions above)."""
+    return quote_shard_patterns(quote_json_overrides(argv))
+
+
 if __name__ == "__main__":
-    sys.argv = quote_json_overrides(sys.argv)
+    sys.argv = hydra_overrides(sys.argv)
     main()
