@@ -12,9 +12,11 @@ Thesis chapter II's dataset stages (docs/dataset_stages.md):
     python prepare_data.py source=coco ... cartoonize.styles=[hayao,hosoda,paprika,shinkai] cartoonize.weights_dir=W
     python prepare_data.py source=shards shards='DIR/{train,val,test}-*.tar' out_dir=OUT \\
         cartoonize.styles=[hayao] cartoonize.weights_dir=W [trainer=gpu | trainer=ddp trainer.num_nodes=N]
+    python prepare_data.py source=stories shards='OUT/photo/test-*.tar' out_dir=OUT model=LM num_captions=5000
+    python prepare_data.py source=stories stories.import_jsonl=chatgpt_stories.jsonl out_dir=OUT
 
 Cartoonizing writes ``out_dir/<style>/`` beside ``out_dir/photo`` (the originals), runs in Lightning's predict
-loop (so ``trainer=...`` scales it out) and resumes per shard.
+loop (so ``trainer=...`` scales it out) and resumes per shard; stories land in ``out_dir/stories.jsonl``.
 
 source=captions writes a kohya ``<image>.txt`` caption beside each image of images_dir (BLIP's caption with each
 phrase of ``replace`` swapped, as paper 000 did for Textual Inversion); images that have one are kept unless
@@ -33,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco", "captions", "shards")
+SOURCES = ("synthetic", "coco", "captions", "shards", "stories")
 
 
 def _path(value: str | None) -> str | None:
@@ -44,7 +46,7 @@ def _path(value: str | None) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prepare_data")
 def main(cfg: DictConfig) -> dict[str, Any]:
-    """Build the shards (or cartoonized shards) of ``cfg.source`` into ``cfg.out_dir``, or caption
+    """Build the shards (or cartoonized shards, or stories) of ``cfg.source`` into ``cfg.out_dir``, or caption
     ``cfg.images_dir``; print the counts."""
     if cfg.source not in SOURCES:
         # Checked before out_dir, whose default is looked up by source and would fail less clearly.
@@ -67,8 +69,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         )
     elif cfg.source == "coco":
         counts = coco_shards(cfg, out_dir)
-    else:
+    elif cfg.source == "shards":
         counts = cartoonize(cfg, _shard_patterns(cfg), out_dir)
+    else:
+        counts = stories(cfg, out_dir)
     if _is_global_rank_zero():  # DDP ranks run this script too; one summary is enough
         print(json.dumps({"source": cfg.source, "out_dir": out_dir, **counts}, indent=2, ensure_ascii=False))
     return counts
@@ -122,6 +126,34 @@ def cartoonize(cfg: DictConfig, shards: str | list[str], out_dir: str) -> dict[s
         num_workers=settings.num_workers,
         encode_threads=settings.encode_threads,
         trainer_options=trainer_options,
+    )
+
+
+def stories(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
+    from src.data.stories import generate_stories, import_stories
+
+    settings = cfg.stories
+    if settings.import_jsonl:
+        return import_stories(_path(settings.import_jsonl), out_dir)
+    if not settings.model:
+        raise ValueError(
+            "source=stories needs model=<causal LM hub id or local dir> to write stories, "
+            "or stories.import_jsonl=FILE to import stories written elsewhere."
+        )
+    return generate_stories(
+        _shard_patterns(cfg),
+        out_dir,
+        model=str(settings.model),  # a hub id, or a local dir (relative to where the command runs)
+        num_captions=cfg.num_captions,
+        language=settings.language,
+        prompt=settings.prompt,
+        seed=cfg.seed,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        device=cfg.device,
     )
 
 
@@ -194,9 +226,18 @@ def quote_shard_patterns(argv: list[str]) -> list[str]:
     return quoted
 
 
+def stories_model_override(argv: list[str]) -> list[str]:
+    """``model=LM`` (the documented short form) -> ``stories.model=LM``: ``model`` is the name of train.py's config
+    group, so Hydra would read ``model=LM`` as a choice in that group."""
+    return [
+        "stories.model=" + arg.partition("=")[2] if arg.lstrip("+").startswith("model=") else arg
+        for arg in argv
+    ]
+
+
 def hydra_overrides(argv: list[str]) -> list[str]:
-    """The command line as typed -> overrides Hydra parses as meant (see the two functions above)."""
-    return quote_shard_patterns(quote_json_overrides(argv))
+    """The command line as typed -> overrides Hydra parses as meant (see the three functions above)."""
+    return stories_model_override(quote_shard_patterns(quote_json_overrides(argv)))
 
 
 if __name__ == "__main__":
