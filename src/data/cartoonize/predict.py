@@ -10,7 +10,6 @@ import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch import nn
 
-from src.data.cartoonize.progress import (
-    PARTIAL_SUFFIX,
-    ShardRecord,
-    mark_done,
-    output_shard,
-    source_stamp,
-)
+from src.data.cartoonize.progress import PARTIAL_SUFFIX, ShardRecord, mark_done, output_shard
 from src.data.pipeline import describe_skips
 from src.data.schema import WebtoonSample
 
@@ -47,11 +40,8 @@ class Cartoonizer(L.LightningModule):
         return {style: self.generators[style].cartoonize(batch["pixels"]).cpu() for style in batch["styles"]}
 
 
-@dataclass
-class _OpenShard:
-    """Records of one source shard while its batches arrive: (position in the source, encoding) per style."""
-
-    records: dict[str, list[tuple[int, Future]]] = field(default_factory=lambda: defaultdict(list))
+# style -> (position in the source shard, JPEG encoding under way) of each record of a shard whose batches arrive
+ShardRecords = dict[str, list[tuple[int, Future]]]
 
 
 class StyleShardWriter(BasePredictionWriter):
@@ -74,7 +64,7 @@ class StyleShardWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="jpeg")
-        self.open: dict[str, _OpenShard] = {}
+        self.open: dict[str, ShardRecords] = {}  # source shard -> its records so far
         self.started = self.last_report = time.perf_counter()
 
     def write_on_batch_end(
@@ -87,26 +77,27 @@ class StyleShardWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        shard = self.open.setdefault(batch["shard"], _OpenShard())
+        records = self.open.setdefault(batch["shard"], defaultdict(list))
         for style, cartoons in prediction.items():
             for index, sample, pixels in zip(batch["indices"], batch["samples"], cartoons, strict=True):
-                shard.records[style].append((index, self.pool.submit(_encode, sample, style, pixels)))
+                records[style].append((index, self.pool.submit(_encode, sample, style, pixels)))
         self.images += len(batch["indices"])
         if batch["shard_done"]:
             self._finish(batch["shard"], self.open.pop(batch["shard"]), batch, trainer.global_rank)
         if time.perf_counter() - self.last_report >= self.report_every_s:
             self._report(trainer.global_rank)
 
-    def _finish(self, source: str, shard: _OpenShard, batch: dict, rank: int) -> None:
-        stamp = source_stamp(source)
+    def _finish(self, source: str, shard: ShardRecords, batch: dict, rank: int) -> None:
         for style in batch["styles"]:
-            records = [future.result() for _, future in sorted(shard.records[style], key=lambda r: r[0])]
+            records = [future.result() for _, future in sorted(shard[style], key=lambda r: r[0])]
             if len(records) != batch["shard_samples"]:
                 raise RuntimeError(
                     f"cartoonize: {source} gave {len(records)} of {batch['shard_samples']} images"
                 )
             _write_shard(output_shard(self.out_dir, style, source), records)
-            record = ShardRecord(source, *stamp, samples=len(records), skipped=batch["skipped"], rank=rank)
+            record = ShardRecord(
+                source, *batch["source_stamp"], samples=len(records), skipped=batch["skipped"], rank=rank
+            )
             mark_done(self.out_dir, style, source, record)
         self.shards += 1
         self.skipped.update(batch["skipped"])

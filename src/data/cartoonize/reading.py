@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from src.data.cartoonize.progress import pending_styles
+from src.data.cartoonize.progress import pending_styles, source_stamp
 from src.data.pipeline import CorruptSample, decode_record
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def shard_batches(url: str, styles: list[str], load_size: int | None, batch_size
     skipped: Counter[str] = Counter()
     buckets: dict[tuple[int, int], list] = defaultdict(list)
     samples = 0
+    stamp = source_stamp(url)  # before reading: a shard rebuilt meanwhile must not pass for the one read
 
     def unreadable_tar(error: Exception) -> bool:
         skipped["unreadable_tar"] += 1
@@ -111,6 +112,7 @@ def shard_batches(url: str, styles: list[str], load_size: int | None, batch_size
         "shard_done": True,
         "shard_samples": samples,
         "skipped": dict(skipped),
+        "source_stamp": stamp,
     }
 
 
