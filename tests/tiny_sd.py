@@ -12,47 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from src.demo.bpe_tokenizer import write_clip_tokenizer as write_word_tokenizer
+
 CROSS_ATTENTION_DIM = 48
 IMAGE_SIZE = 32  # pixels; the VAE halves it, so latents are 16 x 16
 
 
 def write_clip_tokenizer(out_dir: Path) -> None:
-    """A byte-level CLIP BPE tokenizer with single-character merges only: every byte symbol, alone and as a
-    word end, plus a few whole words so that prompts are short."""
-    from transformers import CLIPTokenizer
-
-    symbols = byte_symbols()
-    words = ["a", "photo", "of", "the", "in", "fire", "house", "hanok", "painting", "red", "blue"]
-    vocab: dict[str, int] = {}
-    for token in [*symbols, *(s + "</w>" for s in symbols)]:
-        vocab.setdefault(token, len(vocab))
-    merges = []
-    for word in words:
-        # merge left to right into the whole word with its end-of-word marker
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab.setdefault(pieces[0], len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps(vocab))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
-    CLIPTokenizer.from_pretrained(out_dir).save_pretrained(out_dir)
-
-
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2's table): printable Latin-1 bytes stand for
-    themselves, the others are shifted past 255."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+    """A byte-level CLIP BPE tokenizer in which a few whole words are single tokens, so prompts are short."""
+    words = ["a", "photo", "of", "the", "in", "fire", "house", "hanok", "painting", "red", "blue", "pentagon"]
+    write_word_tokenizer(out_dir, words, model_max_length=16)
 
 
 def build_tiny_stable_diffusion(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

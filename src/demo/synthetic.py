@@ -62,6 +62,11 @@ KINDS = (
     "hexagon",
     "crescent",
 )
+# Kinds the grammar and renderer know beyond KINDS, left out of the default dataset: the "hanok" (a building
+# with a curved, upturned roof) is the concept that paper 000's fine-tuning benchmark teaches a base model that
+# never saw it (see src/demo/concept.py); datasets that include it are made with ``kinds=ALL_KINDS``.
+HELD_OUT_KINDS = ("hanok",)
+ALL_KINDS = (*KINDS, *HELD_OUT_KINDS)
 SIZES = ("small", "large")
 POSITIONS = (
     "center",
@@ -128,6 +133,7 @@ KO_KIND = {
     "pentagon": "오각형",
     "hexagon": "육각형",
     "crescent": "초승달",
+    "hanok": "한옥",
 }
 KO_COLOUR_ADJ = {  # attributive form: "빨간 원"
     "red": "빨간",
@@ -200,10 +206,10 @@ class Scene:
     background: str
 
 
-def sample_scene(rng: random.Random) -> Scene:
+def sample_scene(rng: random.Random, kinds: Sequence[str] = KINDS) -> Scene:
     """Draw every attribute uniformly and independently."""
     return Scene(
-        kind=rng.choice(KINDS),
+        kind=rng.choice(kinds),
         colour=rng.choice(list(COLOURS)),
         size=rng.choice(SIZES),
         position=rng.choice(POSITIONS),
@@ -329,15 +335,15 @@ _FALLBACK_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _PUNCTUATION = ".,!?;:'\"()-/&*"
 
 
-def caption_vocabulary() -> list[str]:
-    """Every word and punctuation token the caption grammar can emit, sorted."""
+def caption_vocabulary(kinds: Sequence[str] = KINDS) -> list[str]:
+    """Every word and punctuation token the caption grammar can emit for ``kinds``, sorted."""
     words: set[str] = set()
     base = Scene(KINDS[0], next(iter(COLOURS)), SIZES[0], POSITIONS[0], next(iter(BACKGROUNDS)))
     # Each slot's wording (its particles included) depends only on its own value, so varying one
     # attribute at a time reaches every word without enumerating all combinations.
     variants = [base]
     for field, values in (
-        ("kind", KINDS),
+        ("kind", kinds),
         ("colour", COLOURS),
         ("size", SIZES),
         ("position", POSITIONS),
@@ -352,12 +358,12 @@ def caption_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_tokenizer(out_dir: str | os.PathLike) -> Path:
+def write_tokenizer(out_dir: str | os.PathLike, kinds: Sequence[str] = KINDS) -> Path:
     """Write a cased word-level BERT tokenizer (vocab.txt + tokenizer_config.json) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = list(SPECIAL_TOKENS)
-    for token in [*caption_vocabulary(), *_PUNCTUATION, *_FALLBACK_CHARACTERS]:
+    for token in [*caption_vocabulary(kinds), *_PUNCTUATION, *_FALLBACK_CHARACTERS]:
         if token not in tokens:
             tokens.append(token)
     tokens += [f"##{c}" for c in _FALLBACK_CHARACTERS]
@@ -443,6 +449,15 @@ def _unit_outline(kind: str, rotation: float) -> list[tuple[float, float]]:
             y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
             points.append((x / 16.5, -y / 16.5 + 0.1))
         return points
+    if kind == "hanok":
+        # A Korean house's silhouette: a roof whose ridge sags and whose eaves turn up at both ends, over walls.
+        # The roof is as tall as the walls and much wider, its slope concave, its ridge ends raised.
+        slope = [(-0.32 - 0.78 * t, -0.95 + 0.62 * (2 * t - t**2)) for t in np.linspace(0.0, 1.0, 10)]
+        left = [(-1.18, -0.5), *reversed(slope), (-0.3, -1.04)]
+        roof = [*left, *((-x, y) for x, y in reversed(left))]
+        walls = [(1.0, -0.2), (0.66, -0.2), (0.66, 0.72), (-0.66, 0.72), (-0.66, -0.2), (-1.0, -0.2)]
+        cos, sin = math.cos(rotation), math.sin(rotation)
+        return [(x * cos - y * sin, x * sin + y * cos) for x, y in roof + walls]
     if kind == "crescent":
         # Outer circle (radius 1 at the origin) minus an inner circle (radius r1 at (d, 0)).
         r1, d = 0.82, 0.5
@@ -454,7 +469,7 @@ def _unit_outline(kind: str, rotation: float) -> list[tuple[float, float]]:
         cos, sin = math.cos(rotation), math.sin(rotation)
         # Shifted right so the crescent's mass, not its circle, sits at the requested position.
         return [(0.3 + px * cos - py * sin, px * sin + py * cos) for px, py in outer + inner]
-    raise ValueError(f"unknown shape kind {kind!r}; choose from {KINDS}")
+    raise ValueError(f"unknown shape kind {kind!r}; choose from {ALL_KINDS}")
 
 
 def _centre(position: str, radius: float, side: float, rng: random.Random) -> tuple[float, float]:
@@ -556,11 +571,13 @@ def dominant_colour(image: Image.Image) -> str | None:
 # --- the dataset --------------------------------------------------------------------------------------
 
 
-def synthetic_sample(split: str, index: int, seed: int = 0, image_size: int = 64) -> WebtoonSample:
+def synthetic_sample(
+    split: str, index: int, seed: int = 0, image_size: int = 64, kinds: Sequence[str] = KINDS
+) -> WebtoonSample:
     """Sample ``index`` of ``split``; each sample has its own RNG, so it does not depend on the others."""
     # str seeds are hashed with SHA-512 by random.Random: stable across processes and Python runs.
     rng = random.Random(f"webtoon-lab/synthetic/{seed}/{split}/{index}")
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, kinds)
     style = rng.choice(STYLES)
     captions_en, captions_ko = scene_captions(scene, style)
     return WebtoonSample(
@@ -598,8 +615,14 @@ def generate_synthetic_dataset(
     image_size: int = 64,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
     samples_per_shard: int | None = None,
+    kinds: Sequence[str] = KINDS,
 ) -> dict[str, int]:
-    """Write train/val/test shards, sizes.json and ``out_dir/tokenizer/``; return the split counts."""
+    """Write train/val/test shards, sizes.json and ``out_dir/tokenizer/``; return the split counts.
+
+    ``kinds``: the shapes drawn, e.g. ``ALL_KINDS`` to include the held-out concept."""
+    unknown = set(kinds) - set(ALL_KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {ALL_KINDS}, got {list(kinds)}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     out_dir = Path(out_dir)
@@ -613,12 +636,12 @@ def generate_synthetic_dataset(
     forget_splits(out_dir, counts)
     for split, count in counts.items():
         per_shard = samples_per_shard or auto_samples_per_shard(count)
-        write_shards(_samples(split, count, seed, image_size), out_dir, split, per_shard, "jpg")
+        write_shards(_samples(split, count, seed, image_size, kinds), out_dir, split, per_shard, "jpg")
         log.info("synthetic %s: %d samples in %d shards", split, count, math.ceil(count / per_shard))
-    write_tokenizer(out_dir / "tokenizer")
+    write_tokenizer(out_dir / "tokenizer", kinds)
     # Written last: its presence (with these settings) means the whole dataset is there.
     (out_dir / DATASET_SPEC).write_text(
-        json.dumps(_spec(num_samples, seed, image_size, split_fractions)) + "\n"
+        json.dumps(_spec(num_samples, seed, image_size, split_fractions, kinds)) + "\n"
     )
     return counts
 
@@ -629,27 +652,34 @@ def ensure_synthetic_dataset(
     seed: int = 0,
     image_size: int = 64,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    kinds: Sequence[str] = KINDS,
 ) -> Path:
     """Generate the dataset into ``out_dir`` unless a complete one with the same settings is already there."""
     out_dir = Path(out_dir)
     spec_file = out_dir / DATASET_SPEC
-    wanted = _spec(num_samples, seed, image_size, split_fractions)
+    wanted = _spec(num_samples, seed, image_size, split_fractions, kinds)
     if spec_file.is_file() and json.loads(spec_file.read_text()) == wanted:
         return out_dir
     log.info("Generating the synthetic bilingual dataset in %s (%d samples)", out_dir, num_samples)
-    generate_synthetic_dataset(out_dir, num_samples, seed, image_size, split_fractions)
+    generate_synthetic_dataset(out_dir, num_samples, seed, image_size, split_fractions, kinds=kinds)
     return out_dir
 
 
-def _spec(num_samples: int, seed: int, image_size: int, split_fractions: Sequence[float]) -> dict:
-    return {
+def _spec(
+    num_samples: int, seed: int, image_size: int, split_fractions: Sequence[float], kinds: Sequence[str]
+) -> dict:
+    spec = {
         "num_samples": num_samples,
         "seed": seed,
         "image_size": image_size,
         "split_fractions": [float(f) for f in split_fractions],
     }
+    # Named only when not the default, so datasets generated before kinds existed stay valid.
+    return spec | ({"kinds": list(kinds)} if tuple(kinds) != KINDS else {})
 
 
-def _samples(split: str, count: int, seed: int, image_size: int) -> Iterator[WebtoonSample]:
+def _samples(
+    split: str, count: int, seed: int, image_size: int, kinds: Sequence[str]
+) -> Iterator[WebtoonSample]:
     for index in range(count):
-        yield synthetic_sample(split, index, seed, image_size)
+        yield synthetic_sample(split, index, seed, image_size, kinds)
