@@ -276,6 +276,25 @@ def assert_style_mirrors_photo(photo_dir: Path, style_dir: Path, style: str, ima
                 assert np.abs(cartoon["pixels"].astype(int) - photo["pixels"].astype(int)).mean() > 10
 
 
+def test_photos_are_batched_by_size_within_a_shard(tmp_path):
+    from src.data.cartoonize.reading import BUFFERED_BATCHES, shard_batches
+
+    rng = np.random.default_rng(0)
+    widths = rng.integers(20, 27, 40)  # 7 sizes, as COCO's many slightly different ones
+    samples = [
+        WebtoonSample(key=f"k{i:03d}", image=Image.new("RGB", (int(w), 16))) for i, w in enumerate(widths)
+    ]
+    write_shards(samples, tmp_path, "train", samples_per_shard=100)
+    batches = list(shard_batches(str(tmp_path / "train-000000.tar"), ["hayao"], None, batch_size=3))
+    assert sorted(i for b in batches for i in b["indices"]) == list(range(40))  # each photo once
+    for batch in batches:
+        assert 1 <= len(batch["indices"]) <= 3 and batch["pixels"].shape[2] == widths[batch["indices"][0]]
+        assert all(widths[i] == widths[batch["indices"][0]] for i in batch["indices"])
+    assert [b["shard_done"] for b in batches] == [False] * (len(batches) - 1) + [True]
+    assert batches[-1]["shard_samples"] == 40 and batches[-1]["skipped"] == {}
+    assert sum(len(b["indices"]) == 3 for b in batches) >= 40 // 3 - BUFFERED_BATCHES  # mostly full batches
+
+
 def prepare_data(overrides: list[str]) -> dict:
     from test_captioning import load_prepare_data
 
@@ -317,6 +336,14 @@ def test_coco_command_writes_photo_and_every_style_with_the_same_samples(coco, w
     assert again["shards_cartoonized"] == again["shards"] and again["images"] == sum(photo_sizes.values())
     assert {p: p.stat().st_mtime_ns for p in before} == before  # paprika added, nothing else rewritten
     assert_style_mirrors_photo(tmp_path / "photo", tmp_path / "paprika", "paprika", (32, 24))
+
+
+def test_processes_started_together_refuse_to_build_the_photo_set(tmp_path, monkeypatch):
+    from src.data.cartoonize import photo_shards_for_styles
+
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    with pytest.raises(RuntimeError, match="must not all build it.*source=shards"):
+        photo_shards_for_styles(tmp_path, {"seed": 0}, build=lambda: pytest.fail("built"))
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ from src.data.pipeline import CorruptSample, decode_record
 
 log = logging.getLogger(__name__)
 
+BUFFERED_BATCHES = 4  # photos waiting for same-size company, in batches, before a partial batch is sent
+
 
 def resize_longer_side(image: Image.Image, load_size: int | None) -> Image.Image:
     """The published CartoonGAN test's resize: longer side to ``load_size`` (bicubic, up or down), the other
@@ -105,6 +107,9 @@ def shard_batches(url: str, styles: list[str], load_size: int | None, batch_size
         samples += 1
         if len(bucket) == batch_size:
             yield _batch(url, styles, buckets.pop(photo.size))
+        elif sum(map(len, buckets.values())) >= BUFFERED_BATCHES * batch_size:
+            # many sizes, few photos of each: send the fullest group rather than hold a whole shard in memory
+            yield _batch(url, styles, buckets.pop(max(buckets, key=lambda size: len(buckets[size]))))
     leftovers = [bucket for bucket in buckets.values() if bucket] or [[]]
     for bucket in leftovers[:-1]:
         yield _batch(url, styles, bucket)

@@ -145,7 +145,7 @@ def photo_shards_for_styles(
 ) -> tuple[str, dict[str, Any]]:
     """``out_dir/photo`` for cartoonizing: reused when an earlier run built it from the same ``settings``
     (so a rerun resumes the styles instead of rebuilding, and DDP ranks started later read it as it is),
-    else built by ``build`` on rank 0. Returns the photo shard pattern and the build's counts."""
+    else built by ``build`` in a process that runs alone. Returns the photo shard pattern and the build's counts."""
     photo_dir = Path(out_dir) / PHOTO
     record = photo_dir / PHOTO_BUILD_FILE
     settings = json.loads(json.dumps(dict(settings), default=str))
@@ -156,10 +156,11 @@ def photo_shards_for_styles(
             "Reusing the photo shards in %s (built with the same settings; delete it to rebuild)", photo_dir
         )
         counts = built["counts"]
-    elif rank_zero_only.rank != 0:
+    elif _one_of_several_processes():
         raise RuntimeError(
-            f"{photo_dir} is not built yet, and only rank 0 may build it. Build it once on one process "
-            "(the same command without cartoonize.styles), then cartoonize it on the cluster with "
+            f"{photo_dir} is not built yet, and processes started together must not all build it. Build it "
+            "once on one process (the same command without cartoonize.styles), then cartoonize it on the "
+            "cluster with "
             f"source=shards shards='{photo_dir}/{{train,val,test}}-*.tar'."
         )
     else:
@@ -167,3 +168,10 @@ def photo_shards_for_styles(
         counts = build()
         record.write_text(json.dumps({"settings": settings, "counts": counts}, indent=2, ensure_ascii=False))
     return str(photo_dir / "{train,val,test}-*.tar"), counts
+
+
+def _one_of_several_processes() -> bool:
+    """Whether a cluster launcher (srun, torchrun) or Lightning started this process beside others that run the
+    same command at the same time."""
+    sizes = [os.environ.get(name, "1") for name in ("WORLD_SIZE", "SLURM_NTASKS")]
+    return rank_zero_only.rank != 0 or any(size.isdigit() and int(size) > 1 for size in sizes)
