@@ -114,12 +114,13 @@ def cartoonize(cfg: DictConfig, shards: str | list[str], out_dir: str) -> dict[s
     from src.data.cartoonize import cartoonize_shards
 
     settings = cfg.cartoonize
+    styles = list(settings.styles) if OmegaConf.is_list(settings.styles) else [settings.styles]
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_options.pop("_target_", None)
     return cartoonize_shards(
         shards,
         out_dir,
-        styles=list(settings.styles),
+        styles=styles,  # cartoonize.styles=hayao means [hayao]
         weights_dir=_path(settings.weights_dir),
         load_size=settings.load_size,
         batch_size=settings.batch_size,

@@ -425,7 +425,12 @@ def test_a_run_that_yields_no_image_stops_with_a_clear_message(weights_dir, tmp_
 
 def test_missing_weights_fail_before_any_shard_is_read(source_shards, tmp_path):
     with pytest.raises(MissingWeightsError, match="Hayao_net_G_float.pth"):
-        prepare_data(shards_command(source_shards, tmp_path / "out", tmp_path / "no_weights"))
+        # cartoonize.styles=hayao, a single name, means [hayao]
+        prepare_data(
+            shards_command(
+                source_shards, tmp_path / "out", tmp_path / "no_weights", "cartoonize.styles=hayao"
+            )
+        )
     assert not (tmp_path / "out").exists()
 
 
