@@ -20,7 +20,7 @@ __all__ = ["ResourceMonitor", "peak_memory_mb"]
 
 class ResourceMonitor(Callback):
     """Logs ``train/step_time_s`` and ``train/peak_memory_mb`` every ``trainer.log_every_n_steps`` steps, and
-    ``train/time_s`` (with the last two) at train end; ``time_s`` and ``peak_memory_mb`` keep the final values."""
+    ``train/time_s`` and ``train/steps`` (with the last two) at train end; ``time_s`` and ``peak_memory_mb`` keep the final values."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,7 +51,11 @@ class ResourceMonitor(Callback):
         metrics = self._close_window(pl_module) if self._window_steps else {}
         self.time_s = perf_counter() - self._start
         self.peak_memory_mb = peak_memory_mb(pl_module.device)
-        totals = {"train/time_s": self.time_s, "train/peak_memory_mb": self.peak_memory_mb}
+        totals = {
+            "train/time_s": self.time_s,
+            "train/peak_memory_mb": self.peak_memory_mb,
+            "train/steps": float(trainer.global_step),
+        }
         self._log(trainer, {**metrics, **totals})
         # Also into the run's final metrics (metrics.json / metrics.md), which train.py reads from here.
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in totals.items()})

@@ -42,7 +42,10 @@ class ValidationPromptGrid(Callback):
         dirname: str = "validation",
         at_train_end: bool = True,
         cell_size: int = 256,
+        first_step: int = 1,
     ) -> None:
+        """``first_step``: no grid before this step (a model trained from scratch draws only once its
+        autoencoder stage is over)."""
         super().__init__()
         if not prompts:
             raise ValueError("ValidationPromptGrid needs at least one prompt.")
@@ -58,6 +61,7 @@ class ValidationPromptGrid(Callback):
         self.dirname = dirname
         self.at_train_end = at_train_end
         self.cell_size = cell_size
+        self.first_step = max(1, first_step)
         self.judge = None
         self.paths: dict[int, Path] = {}
         self.clip_scores: dict[int, float] = {}
@@ -80,7 +84,7 @@ class ValidationPromptGrid(Callback):
     def validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Render, save, log and judge once per optimizer step (gradient accumulation repeats a step)."""
         step = trainer.global_step
-        if not trainer.is_global_zero or step == 0 or step in self.paths:
+        if not trainer.is_global_zero or step < self.first_step or step in self.paths:
             return
         images = self.render(pl_module)
         path = output_root(trainer) / self.dirname / f"step_{step:06d}.png"

@@ -53,6 +53,34 @@ class CLIPJudge:
         per_pair = scores.clamp(min=0)
         return ClipScores(per_pair.mean(), per_pair)
 
+    @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor | Sequence[torch.Tensor | Image.Image]) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (CLIP-I compares these between images)."""
+        inputs = self.processor(images=_as_uint8(images), return_tensors="pt")
+        device = next(self.model.parameters()).device
+        features = self.model.get_image_features(inputs["pixel_values"].to(device))
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D]."""
+        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True)
+        device = next(self.model.parameters()).device
+        features = self.model.get_text_features(
+            inputs["input_ids"].to(device), inputs["attention_mask"].to(device)
+        )
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def classify(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor | Image.Image],
+        labels: Sequence[str],
+        template: str = "{}",
+    ) -> torch.Tensor:
+        """Zero-shot: the index into ``labels`` whose ``template``-filled prompt is nearest each image."""
+        prompts = [template.format(label) for label in labels]
+        return (self.image_embeddings(images) @ self.text_embeddings(prompts).T).argmax(dim=1).cpu()
+
     def to(self, device: torch.device | str) -> CLIPJudge:
         self.model.to(device)
         return self

@@ -1,0 +1,128 @@
+"""Does a text-to-image model draw what its prompt names? Checked by judges that are not the generator.
+
+For captions of random scenes of the shapes dataset, the model draws a few images each. Colour is judged by the
+pixels (the named colour must dominate the non-background pixels, see ``synthetic.dominant_colour``; chance 1/8);
+shape by a CLIP judge trained on the dataset: of the prompt and its 9 variants naming another shape, the judge must
+find the prompt nearest the image (chance 1/10). The same judging of real drawings of the prompts is the ceiling
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import lightning as L
+import torch
+
+from src.callbacks.sample_grid import output_root
+from src.demo.synthetic import (
+    COLOURS,
+    KINDS,
+    STYLES,
+    caption_scene,
+    dominant_colour,
+    render_scene,
+    sample_scene,
+)
+from src.utils.image_grid import captioned_grid, save_grid, to_pil
+
+__all__ = ["PromptFollowing"]
+
+
+class PromptFollowing(L.Callback):
+    """At test end: ``test/colour_match``, ``test/shape_match`` and ``test/both_match`` of generated images,
+    and ``prompt_following.png`` (the first ``grid_rows`` captions with their images) in the run directory."""
+
+    def __init__(
+        self,
+        judge: str,
+        num_prompts: int = 40,
+        num_images_per_prompt: int = 4,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        image_size: int = 32,
+        grid_rows: int = 8,
+    ) -> None:
+        super().__init__()
+        self.judge_name = judge
+        self.num_images_per_prompt = num_images_per_prompt
+        self.sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        self.seed = seed
+        self.image_size = image_size
+        self.grid_rows = grid_rows
+        rng = random.Random(f"webtoon-lab/prompt-following/{seed}")
+        self.prompts = []
+        for _ in range(num_prompts):
+            scene, style = sample_scene(rng), rng.choice(STYLES)
+            template = rng.randrange(5)
+            variants = [caption_scene(replace(scene, kind=kind), "en", template, style) for kind in KINDS]
+            self.prompts.append((scene, style, caption_scene(scene, "en", template, style), variants))
+        self.judge = None
+        self.real: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.judge is None:  # at once, so that a missing judge fails before training
+            from src.metrics.clip_score import load_clip_judge
+
+            self.judge = load_clip_judge(self.judge_name, setting="callbacks.prompt_following.judge")
+
+    def measure(self, images: torch.Tensor) -> dict[str, float]:
+        """Shares of images [prompts, k, 3, H, W] in [0, 1] whose colour / shape / both match their prompt."""
+        scenes = [scene for scene, *_ in self.prompts for _ in range(images.shape[1])]
+        flat = images.flatten(0, 1)
+        colours = torch.tensor(
+            [dominant_colour(to_pil(image)) == s.colour for image, s in zip(flat, scenes, strict=True)]
+        )
+        shapes = []
+        for (scene, _, _, variants), row in zip(self.prompts, images, strict=True):
+            similarity = self.judge.image_embeddings(row) @ self.judge.text_embeddings(variants).T
+            shapes += [KINDS[i] == scene.kind for i in similarity.argmax(dim=1).tolist()]
+        shapes = torch.tensor(shapes)
+        return {
+            "colour_match": colours.float().mean().item(),
+            "shape_match": shapes.float().mean().item(),
+            "both_match": (colours & shapes).float().mean().item(),
+        }
+
+    def real_drawings(self) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        rows = []
+        for index, (scene, style, *_) in enumerate(self.prompts):
+            rngs = [random.Random(f"{self.seed}/{index}/{j}") for j in range(self.num_images_per_prompt)]
+            rows.append(
+                torch.stack([pil_to_tensor(render_scene(scene, style, self.image_size, r)) for r in rngs])
+            )
+        return torch.stack(rows).float() / 255
+
+    @torch.no_grad()
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        generator = pl_module.generator(**self.sampling)
+        images = generator(
+            [caption for _, _, caption, _ in self.prompts], self.num_images_per_prompt, self.seed
+        )
+        for name, value in self.measure(images).items():
+            pl_module.log(f"test/{name}", value)
+        self.real = {f"test/{name}": value for name, value in self.measure(self.real_drawings()).items()}
+        if trainer.is_global_zero:
+            rows = self.prompts[: self.grid_rows]
+            grid = captioned_grid(
+                list(images[: len(rows)]), [caption for _, _, caption, _ in rows], cell_size=96
+            )
+            save_grid(grid, output_root(trainer) / "prompt_following.png")
+
+    def references(self, stage: str = "test") -> dict[str, dict[str, float]]:
+        if stage != "test" or not self.real:
+            return {}
+        chance = {"test/colour_match": 1 / len(COLOURS), "test/shape_match": 1 / len(KINDS)}
+        chance["test/both_match"] = chance["test/colour_match"] * chance["test/shape_match"]
+        return {"chance": chance, "real drawings": dict(self.real)}
+
+    def report_notes(self) -> list[str]:
+        return [
+            f"Shape is judged by the CLIP at {self.judge_name} (the prompt against its variants naming the other "
+            f"{len(KINDS) - 1} shapes); colour by pixels. 'real drawings' is the same judging of the dataset's own "
+            "drawings of these prompts."
+        ]
