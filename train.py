@@ -34,6 +34,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         start_run,
     )
 
+    if cfg.get("benchmark"):
+        raise ValueError(
+            f"experiment={cfg.get('name') and 'finetune_benchmark_' + cfg.name} is a benchmark: run it with "
+            "`python benchmark.py experiment=...`, which trains its cells through train.py."
+        )
     output_dir = start_run(cfg)
 
     datamodule = instantiate(cfg.data)
@@ -54,9 +59,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         metrics.update(final_metrics(trainer.callback_metrics))
 
     if cfg.get("test"):
-        best = (
-            getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-        )
+        callback = trainer.checkpoint_callback
+        # With no monitored metric the "best" checkpoint is only the latest periodic one, which can be steps
+        # behind the end of training: then the weights in memory (the last ones) are tested.
+        best = callback.best_model_path if callback is not None and callback.monitor else ""
         ckpt = best or (cfg.get("ckpt_path") if not cfg.get("train") else None)
         log.info("Testing %s", ckpt or "the weights in memory")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)

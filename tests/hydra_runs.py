@@ -11,10 +11,22 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+# benchmark.py's grids of fine-tuning runs (tests/test_benchmark.py)
+BENCHMARK_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_benchmark_"))
 # Stable Diffusion fine-tuning runs on images folders and a base model (tests/test_finetune_experiments.py)
-FINETUNE_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_") or e == "style_lora")
+FINETUNE_EXPERIMENTS = tuple(
+    e
+    for e in ALL_EXPERIMENTS
+    if (e.startswith("finetune_") or e == "style_lora") and e not in BENCHMARK_EXPERIMENTS
+)
+# text-to-image models trained from scratch (tests/test_sd_base.py)
+DIFFUSION_EXPERIMENTS = ("sd_demo_base",)
 # CLIP and DCGAN runs on the bilingual shards (tests/test_experiments.py)
-EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e not in FINETUNE_EXPERIMENTS)
+EXPERIMENTS = tuple(
+    e
+    for e in ALL_EXPERIMENTS
+    if e not in (*FINETUNE_EXPERIMENTS, *BENCHMARK_EXPERIMENTS, *DIFFUSION_EXPERIMENTS)
+)
 THESIS_EXPERIMENTS = ("clip_webtoon", "dcgan_webtoon")
 
 
@@ -48,13 +60,18 @@ def experiment_overrides(
     overrides = [
         f"experiment={experiment}",
         f"paths.data_dir={data_dir}",
-        f"data.root={synthetic_dir}",
         "data.num_workers=0",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=3",
         "callbacks.model_summary=null",
     ]
-    if experiment not in THESIS_EXPERIMENTS:  # the demo's dataset builder finds the tests' dataset complete
+    if experiment == "clip_demo_concept":
+        # its own dataset (shapes and hanoks), generated small into data_dir by the experiment's builder
+        overrides.append("data.builders.dataset.num_samples=60")
+    else:
+        overrides.append(f"data.root={synthetic_dir}")
+    if experiment not in (*THESIS_EXPERIMENTS, "clip_demo_concept"):
+        # the demo's dataset builder finds the tests' dataset complete
         overrides.append(f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}")
     if experiment == "clip_webtoon":
         overrides += [

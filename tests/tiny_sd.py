@@ -21,7 +21,7 @@ IMAGE_SIZE = 32  # pixels; the VAE halves it, so latents are 16 x 16
 def write_clip_tokenizer(out_dir: Path) -> None:
     """A byte-level CLIP BPE tokenizer in which a few whole words are single tokens, so prompts are short."""
     words = ["a", "photo", "of", "the", "in", "fire", "house", "hanok", "painting", "red", "blue", "pentagon"]
-    write_word_tokenizer(out_dir, words, model_max_length=16)
+    write_word_tokenizer(out_dir, words, model_max_length=32)
 
 
 def build_tiny_stable_diffusion(out_dir: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

@@ -1,0 +1,187 @@
+"""benchmark.py as users run it, in miniature: both benchmark experiments, the report's files and layout, resume.
+
+The cells train through real ``train.py`` multiruns (subprocesses) on a tiny local Stable Diffusion; the judge
+is a tiny CLIP saved with ``save_pretrained``. Only sizes and step counts shrink.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra_runs import BENCHMARK_EXPERIMENTS, compose_config, compose_plain
+from test_clip_score import write_tiny_clip
+from tiny_sd import build_tiny_stable_diffusion, write_image_folder
+
+from src.benchmark.finetune import BASE, FineTuneBenchmark, tables_markdown
+
+# A few CPU steps per cell, small images, few sampler steps (appended after each method's own overrides).
+MINIATURE_TRAINING = [
+    "data.resolution=32",
+    "data.num_workers=0",
+    "trainer.max_steps=2",
+    "trainer.accumulate_grad_batches=1",
+    "callbacks.model_checkpoint.every_n_train_steps=0",
+    "callbacks.validation_prompts.every_n_steps=100",
+    "callbacks.validation_prompts.num_images_per_prompt=1",
+    "callbacks.validation_prompts.num_inference_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("judge"))
+
+
+def miniature(experiment: str, tiny_sd: Path, judge: Path, tmp_path: Path, *extra: str):
+    """The experiment's config with 2 methods x 1 size x 1 prompt, everything heavy swapped for tiny copies."""
+    data_dir = tmp_path / "data"
+    overrides = [
+        f"experiment={experiment}",
+        f"paths.data_dir={data_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"model.pretrained_model_name_or_path={tiny_sd}",
+        f"evaluation.judge={judge}",
+        "evaluation.num_images_per_prompt=2",
+        "evaluation.num_inference_steps=2",
+        "evaluation.device=cpu",
+        "num_images=[3]",
+        "~methods.dreambooth",
+        "~methods.hypernetwork",
+        "~prompts.B",
+        "~prompts.C",
+        f"cell_overrides={json.dumps(MINIATURE_TRAINING)}",
+        *extra,
+    ]
+    return compose_plain("benchmark.yaml", overrides)
+
+
+@pytest.mark.slow
+def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
+    tiny_sd, judge, tmp_path, monkeypatch
+):
+    from benchmark import benchmark
+
+    cfg = miniature("finetune_benchmark_demo", tiny_sd, judge, tmp_path, "builders.subject.num_images=6")
+    out = benchmark(cfg)
+
+    assert out == tmp_path / "logs" / "benchmark" / "demo"
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    cells = {(r["method"], r["images"], r["prompt"]) for r in rows}
+    assert cells == {("textual_inversion", "3", "A"), ("lora", "3", "A"), (BASE, "0", "A")}
+    for row in rows:
+        assert 0 < float(row["clip_i"]) <= 1 and 0 <= float(row["clip_t"]) <= 1
+        if row["method"] != BASE:
+            assert (
+                float(row["train_time_s"]) > 0
+                and float(row["steps"]) == 2
+                and float(row["peak_memory_mb"]) > 0
+            )
+    for name in ("tables.md", "training_time.png", "grid_A.png"):
+        assert (out / name).is_file(), name
+    tables = (out / "tables.md").read_text()
+    assert "not comparable" in tables and "Paper 000" not in tables  # a demo never tables the paper beside it
+    # The subject's images came from the demo's builder, 6 as asked, captioned with the placeholder.
+    subject = tmp_path / "data" / "concept" / "hanok"
+    captions = [json.loads(line)["text"] for line in (subject / "metadata.jsonl").read_text().splitlines()]
+    assert len(captions) == 6 and all("*" in c for c in captions)
+
+    # Rerun with the same command: nothing trains or is judged again.
+    trained, judged = [], []
+    original_train, original_judge = FineTuneBenchmark.train, FineTuneBenchmark.judge_cell
+    monkeypatch.setattr(
+        FineTuneBenchmark, "train", lambda self, method, sizes: trained.append((method, sizes))
+    )
+    monkeypatch.setattr(
+        FineTuneBenchmark, "judge_cell", lambda self, cell: judged.append(cell) or original_judge(self, cell)
+    )
+    before = (out / "results.csv").read_text()
+    benchmark(cfg)
+    assert trained == [] and judged == []
+    assert (out / "results.csv").read_text() == before
+
+    # A cell stopped after training is judged without training; a cell stopped before it is trained alone.
+    (out / "runs" / "lora" / "images_3" / "cell.json").unlink()
+    stopped = out / "runs" / "textual_inversion" / "images_3"
+    (stopped / "cell.json").unlink()
+    shutil.rmtree(stopped / "export")
+    monkeypatch.setattr(
+        FineTuneBenchmark,
+        "train",
+        lambda self, method, sizes: (
+            trained.append((method, list(sizes))) or original_train(self, method, sizes)
+        ),
+    )
+    benchmark(cfg)
+    assert trained == [("textual_inversion", [3])]
+    assert sorted(c.method for c in judged) == ["lora", "textual_inversion"]
+    assert (stopped / "export" / "finetune.json").is_file()
+
+
+@pytest.mark.slow
+def test_hanok_benchmark_tables_the_papers_scores_beside_ours(tiny_sd, judge, tmp_path):
+    from benchmark import benchmark
+
+    image_dir = write_image_folder(tmp_path / "hanok", num_images=4)
+    cfg = miniature(
+        "finetune_benchmark_hanok",
+        tiny_sd,
+        judge,
+        tmp_path,
+        f"data.image_dir={image_dir}",
+        "~methods.lora",
+        "train_overrides=[trainer=cpu]",  # the experiment's trainer=gpu, swapped as a CPU user would
+    )
+    out = benchmark(cfg)
+    tables = (out / "tables.md").read_text()
+    assert "Paper 000, Table for prompt A" in tables
+    # The paper's Table row for 5 images would hold .24 for textual inversion; our grid has 3 images only.
+    assert "| 3 |" in tables
+
+
+def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods():
+    methods, sizes = ["textual_inversion", "dreambooth", "lora", "hypernetwork"], [5, 50, 100]
+    rows = [
+        {
+            "method": m,
+            "images": n,
+            "prompt": "A",
+            "prompt_text": "*, fire",
+            "clip_t": 0.2 + 0.01 * i + 0.001 * j,
+            "clip_i": 0.5,
+            "train_time_s": 10.0,
+            "steps": 100,
+            "peak_memory_mb": 1000.0,
+        }
+        for i, m in enumerate(methods)
+        for j, n in enumerate(sizes)
+    ]
+    rows.append({**rows[0], "method": BASE, "images": 0, "clip_t": 0.1})
+    paper = {"A": {"textual_inversion": {5: 0.24, 50: 0.25, 100: 0.25}, "dreambooth": {5: 0.30}}}
+    text = tables_markdown(rows, {"A": "*, fire"}, methods, sizes, paper)
+    lines = text.splitlines()
+    start = lines.index("## Prompt A: `*, fire` — CLIP-T (CLIP score)")
+    assert lines[start + 2] == "| images | Textual Inversion | DreamBooth | LoRA | Hypernetwork |"
+    assert lines[start + 4] == "| 5 | 0.200 | 0.210 | 0.220 | 0.230 |"
+    assert lines[start + 6] == "| 100 | 0.202 | 0.212 | 0.222 | 0.232 |"
+    assert lines[start + 7].startswith("| base model | 0.100 |")
+    paper_start = lines.index("Paper 000, Table for prompt A (CLIP score):")
+    assert lines[paper_start + 4] == "| 5 | 0.240 | 0.300 |  |  |"
+
+
+@pytest.mark.parametrize("experiment", BENCHMARK_EXPERIMENTS)
+def test_a_benchmark_experiment_given_to_train_py_says_to_use_benchmark_py(experiment, tmp_path):
+    from train import train
+
+    cfg = compose_config("train.yaml", [f"experiment={experiment}"], tmp_path)
+    with pytest.raises(ValueError, match="benchmark.py"):
+        train(cfg)
