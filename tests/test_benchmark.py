@@ -139,7 +139,7 @@ def test_hanok_benchmark_tables_the_papers_scores_beside_ours(tiny_sd, judge, tm
         tmp_path,
         f"data.image_dir={image_dir}",
         "~methods.lora",
-        "train_overrides=[trainer=cpu]",  # the experiment's trainer=gpu, swapped as a CPU user would
+        f"train_overrides={json.dumps(['trainer=cpu'])}",  # its trainer=gpu, swapped as a CPU user would
     )
     out = benchmark(cfg)
     tables = (out / "tables.md").read_text()
