@@ -123,6 +123,19 @@ def test_textual_inversion_captions_reach_the_tokenizer_as_the_new_token(tiny_sd
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["placeholder_embeddings"]
 
 
+def test_textual_inversion_names_captions_that_lost_the_placeholder(tiny_sd):
+    from src.modules.diffusion.textual_inversion import TextualInversion
+
+    module = quiet(TextualInversion(pretrained_model_name_or_path=str(tiny_sd)))
+    truncated = "a photo of the red house in the fire, " * 4 + "*"  # 41 tokens: `*` is cut
+    for captions in (["a photo of a house"] * 2, [truncated] * 2):
+        with pytest.raises(ValueError, match="placeholder once tokenized") as error:
+            module.training_step({**batch(), "captions": captions}, 0)
+        assert "32 tokens" in str(error.value)
+    module.training_step(batch(), 0).backward()  # a caption with `*` still trains
+    assert module.placeholder_embeddings.grad.abs().sum() > 0
+
+
 def test_textual_inversion_rejects_a_known_word_and_a_multi_token_initializer(tiny_sd):
     from src.modules.diffusion.textual_inversion import TextualInversion
 

@@ -69,6 +69,7 @@ class TextualInversion(StableDiffusionFineTune):
         self.placeholder_embeddings = nn.Parameter(embeddings.weight[ids].detach().clone())
         self.register_buffer("placeholder_ids", torch.tensor(ids), persistent=False)
         embeddings.register_forward_hook(self._insert_placeholder_embeddings)
+        self._placeholder_seen = False
 
     def _insert_placeholder_embeddings(
         self, module: nn.Module, args: tuple[Any, ...], output: Tensor
@@ -76,10 +77,24 @@ class TextualInversion(StableDiffusionFineTune):
         """Wherever an input id is a placeholder, output its trained vector instead of the frozen row."""
         input_ids = args[0]
         matches = input_ids.unsqueeze(-1) == self.placeholder_ids.to(input_ids.device)  # [B, L, num_vectors]
-        if not bool(matches.any()):
+        self._placeholder_seen = bool(matches.any())
+        if not self._placeholder_seen:
             return output
         learned = matches.to(output.dtype) @ self.placeholder_embeddings.to(output.dtype)
         return torch.where(matches.any(-1, keepdim=True), learned, output)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if not self._placeholder_seen:
+            # Otherwise backward fails with "element 0 of tensors does not require grad", naming nothing.
+            raise ValueError(
+                f"No caption of this batch holds the placeholder once tokenized, so {self.placeholder_tokens[0]} "
+                f"cannot learn: captions must contain {self.caption_placeholder!r} (data.fallback_captions for "
+                f"images without one), and a caption longer than the tokenizer's "
+                f"{self.tokenizer.model_max_length} tokens loses what is past the end. Captions: "
+                f"{list(batch['captions'])[:3]}"
+            )
+        return loss
 
     @property
     def text_encoder_trains(self) -> bool:
