@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 
+import lightning as L
 import pytest
 import torch
 from hydra_runs import DIFFUSION_EXPERIMENTS, compose_config, synthetic_samples
@@ -90,7 +91,7 @@ def test_words_of_the_captions_are_single_tokens_and_unknown_words_fall_back_to_
     assert tokenizer.decode(tokenizer("sks hanok").input_ids, skip_special_tokens=True) == "sks hanok"
 
 
-class Snapshots(__import__("lightning").Callback):
+class Snapshots(L.Callback):
     """The parameters at the start and after every optimizer step."""
 
     def __init__(self) -> None:
@@ -108,8 +109,6 @@ def moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> se
 
 
 def test_stage_one_trains_only_the_vae_and_stage_two_only_the_text_encoder_and_unet(tokenizer):
-    import lightning as L
-
     model, snapshots = tiny_model(tokenizer, vae_steps=3), Snapshots()
     trainer = L.Trainer(
         max_steps=6,

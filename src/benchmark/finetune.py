@@ -28,6 +28,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +177,7 @@ class FineTuneBenchmark:
     def _judge(self, generator, cell_dir: Path, cell: Cell, training: dict[str, Any]) -> dict[str, Any]:
         from src.utils.image_grid import to_pil
 
-        judge = self.load_judge()
-        references = judge.image_embeddings(self.subject_images())
+        judge, references = self.judge_model, self.subject_embeddings
         images = generator(list(self.prompts.values()), self.num_images_per_prompt, self.seed)
         prompts = {}
         image_dir = cell_dir / "images"
@@ -194,12 +194,17 @@ class FineTuneBenchmark:
         log.info("%s: %s", cell.name, {label: round(p["clip_i"], 3) for label, p in prompts.items()})
         return result
 
-    def load_judge(self):
-        if getattr(self, "_judge_model", None) is None:
-            from src.metrics.clip_score import load_clip_judge
+    @cached_property
+    def judge_model(self):
+        """Loaded once per benchmark, not per cell."""
+        from src.metrics.clip_score import load_clip_judge
 
-            self._judge_model = load_clip_judge(self.judge, setting="judge").to(self.device)
-        return self._judge_model
+        return load_clip_judge(self.judge, setting="judge").to(self.device)
+
+    @cached_property
+    def subject_embeddings(self):
+        """The judge's embeddings of the subject's images, read and embedded once: CLIP-I's references."""
+        return self.judge_model.image_embeddings(self.subject_images())
 
     def subject_images(self) -> list:
         """Every image of the subject's folder: the references of CLIP-I."""
