@@ -9,6 +9,8 @@ import pytest
 import torch
 from tiny_sd import build_tiny_stable_diffusion
 
+from src.modules.diffusion.objective import denoising_target, per_example_loss
+
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
@@ -51,7 +53,7 @@ def test_v_prediction_checkpoint_trains_on_the_velocity_target(tiny_sd_v):
     assert module.noise_scheduler.config.prediction_type == "v_prediction"
     latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
     timesteps = torch.tensor([10, 900])
-    target = module.target(latents, noise, timesteps)
+    target = denoising_target(module.noise_scheduler, latents, noise, timesteps)
     torch.testing.assert_close(target, module.noise_scheduler.get_velocity(latents, noise, timesteps))
     assert not torch.allclose(target, noise)
 
@@ -76,7 +78,8 @@ def test_min_snr_weights_clamp_the_low_noise_timesteps(tiny_sd):
     snr = alphas / (1 - alphas)
     mse = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
     expected = mse * torch.minimum(snr, torch.tensor(5.0)) / snr
-    torch.testing.assert_close(module.per_example_loss(prediction, target, timesteps), expected)
+    losses = per_example_loss(prediction, target, module.noise_scheduler, timesteps, module.hparams.snr_gamma)
+    torch.testing.assert_close(losses, expected)
     assert expected[0] < 0.1 * mse[0] and torch.isclose(expected[1], mse[1])
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor
 
 from src.modules.diffusion.components import load_components
+from src.modules.diffusion.objective import denoising_target, per_example_loss
 
 __all__ = ["StableDiffusionFineTune"]
 
@@ -155,7 +155,8 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
         prediction = self.unet(
             noisy_latents.to(self.unet.dtype), timesteps, context.to(self.unet.dtype)
         ).sample
-        losses = self.per_example_loss(prediction, self.target(latents, noise, timesteps), timesteps)
+        target = denoising_target(self.noise_scheduler, latents, noise, timesteps)
+        losses = per_example_loss(prediction, target, self.noise_scheduler, timesteps, self.hparams.snr_gamma)
 
         is_prior = batch.get("is_prior")
         if is_prior is None or not bool(is_prior.any()):
@@ -168,29 +169,6 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
             self.log("train/prior_loss", prior_loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"Unsupported prediction_type {prediction_type!r} in the scheduler config")
-
-    def per_example_loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        losses = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.hparams.snr_gamma is None:
-            return losses
-        from diffusers.training_utils import compute_snr
-
-        # Min-SNR-gamma: clamp the weight of low-noise timesteps, which otherwise dominate the gradient.
-        snr = compute_snr(self.noise_scheduler, timesteps)
-        weights = snr.clamp(max=self.hparams.snr_gamma)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            weights = weights / (snr + 1)
-        else:
-            weights = weights / snr
-        return losses * weights
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor, cache_keys: Tensor | None = None) -> Tensor:
