@@ -57,7 +57,13 @@ def tiny_model(tokenizer, vae_steps: int = 3):
     return LatentDiffusionFromScratch(
         tokenizer=tokenizer,
         **TINY,
-        noise_scheduler={"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"},
+        # as configs/model/sd_base.yaml trains
+        noise_scheduler={
+            "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2",
+            "prediction_type": "v_prediction",
+        },
+        snr_gamma=5.0,
         preprocess={"image_size": 16},
         vae_steps=vae_steps,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
@@ -160,11 +166,15 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
     from src.modules.diffusion.components import load_components
 
     model = tiny_model(tokenizer, vae_steps=0)
-    model.encode_images(next(batches(1))["image"])  # stage 2 begins: the latent scale is measured
+    images = next(batches(1))["image"]
+    latents = model.encode_images(images)  # stage 2 begins: the latent scale is measured
+    torch.testing.assert_close(model.encode_images(images), latents)  # the posterior's mode, not a sample
     export = model.export(tmp_path / "export")
 
     pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
     assert pipeline.vae.config.scaling_factor == pytest.approx(float(model.latent_scale))
+    # the sampler predicts what the UNet was trained to predict
+    assert pipeline.scheduler.config.prediction_type == model.noise_scheduler.config.prediction_type
     images = pipeline(
         ["A large red circle in the middle of a white background."],
         num_inference_steps=2,
@@ -218,6 +228,7 @@ def test_sd_demo_base_trains_both_stages_is_judged_and_exports(experiment, synth
         "test/colour_match",
         "test/shape_match",
         "test/both_match",
+        "test/background_match",
     } <= set(metrics)
     table = (run / "metrics.md").read_text()
     assert "chance" in table and "real drawings" in table and "paper" not in table
