@@ -29,6 +29,7 @@ from src.demo.synthetic import (
     caption_scene,
     caption_vocabulary,
     colour_caption_set,
+    dominant_background,
     dominant_colour,
     generate_synthetic_dataset,
     num_attribute_combinations,
@@ -178,6 +179,7 @@ def test_shape_colour_dominates_after_jpeg(dataset):
         buffer = io.BytesIO()
         render_scene(scene, style, 32, rng).save(buffer, format="JPEG", quality=95)
         assert dominant_colour(Image.open(buffer)) == scene.colour, (scene, style)
+        assert dominant_background(Image.open(buffer)) == scene.background, (scene, style)
     assert dominant_colour(Image.new("RGB", (8, 8), BACKGROUNDS["white"])) is None
 
 

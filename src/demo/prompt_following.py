@@ -1,8 +1,8 @@
 """Does a text-to-image model draw what its prompt names? Checked by judges that are not the generator.
 
 For captions of random scenes of the shapes dataset, the model draws a few images each. Colour is judged by the
-pixels (the named colour must dominate the non-background pixels, see ``synthetic.dominant_colour``; chance 1/8);
-shape by a CLIP judge trained on the dataset: of the prompt and its 9 variants naming another shape, the judge must
+pixels (the named colour must dominate the non-background pixels, see ``synthetic.dominant_colour``; chance 1/8),
+and so is the background (the named one must dominate the border pixels); shape by a CLIP judge trained on the dataset: of the prompt and its 9 variants naming another shape, the judge must
 find the prompt nearest the image (chance 1/10). The same judging of real drawings of the prompts is the ceiling
 reported beside it.
 """
@@ -17,10 +17,12 @@ import torch
 
 from src.callbacks.sample_grid import output_root
 from src.demo.synthetic import (
+    BACKGROUNDS,
     COLOURS,
     KINDS,
     STYLES,
     caption_scene,
+    dominant_background,
     dominant_colour,
     render_scene,
     sample_scene,
@@ -31,7 +33,8 @@ __all__ = ["PromptFollowing"]
 
 
 class PromptFollowing(L.Callback):
-    """At test end: ``test/colour_match``, ``test/shape_match`` and ``test/both_match`` of generated images,
+    """At test end: ``test/colour_match``, ``test/shape_match``, ``test/both_match`` (colour and shape) and
+    ``test/background_match`` of generated images,
     and ``prompt_following.png`` (the first ``grid_rows`` captions with their images) in the run directory."""
 
     def __init__(
@@ -72,8 +75,10 @@ class PromptFollowing(L.Callback):
         """Shares of images [prompts, k, 3, H, W] in [0, 1] whose colour / shape / both match their prompt."""
         scenes = [scene for scene, *_ in self.prompts for _ in range(images.shape[1])]
         flat = images.flatten(0, 1)
-        colours = torch.tensor(
-            [dominant_colour(to_pil(image)) == s.colour for image, s in zip(flat, scenes, strict=True)]
+        pictures = [to_pil(image) for image in flat]
+        colours = torch.tensor([dominant_colour(p) == s.colour for p, s in zip(pictures, scenes, strict=True)])
+        backgrounds = torch.tensor(
+            [dominant_background(p) == s.background for p, s in zip(pictures, scenes, strict=True)]
         )
         shapes = []
         for (scene, _, _, variants), row in zip(self.prompts, images, strict=True):
@@ -84,6 +89,7 @@ class PromptFollowing(L.Callback):
             "colour_match": colours.float().mean().item(),
             "shape_match": shapes.float().mean().item(),
             "both_match": (colours & shapes).float().mean().item(),
+            "background_match": backgrounds.float().mean().item(),
         }
 
     def real_drawings(self) -> torch.Tensor:
@@ -118,6 +124,7 @@ class PromptFollowing(L.Callback):
             return {}
         chance = {"test/colour_match": 1 / len(COLOURS), "test/shape_match": 1 / len(KINDS)}
         chance["test/both_match"] = chance["test/colour_match"] * chance["test/shape_match"]
+        chance["test/background_match"] = 1 / len(BACKGROUNDS)
         return {"chance": chance, "real drawings": dict(self.real)}
 
     def report_notes(self) -> list[str]:

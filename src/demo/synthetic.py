@@ -568,6 +568,15 @@ def dominant_colour(image: Image.Image) -> str | None:
     return names[int(counts.argmax())] if counts.sum() else None
 
 
+def dominant_background(image: Image.Image) -> str:
+    """The background colour most of the image's border pixels are nearest to (shapes rarely reach the border)."""
+    palette = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    nearest = ((border[:, None, :] - palette[None, :, :]) ** 2).sum(-1).argmin(1)
+    return list(BACKGROUNDS)[int(np.bincount(nearest, minlength=len(palette)).argmax())]
+
+
 # --- the dataset --------------------------------------------------------------------------------------
 
 
