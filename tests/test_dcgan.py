@@ -92,6 +92,20 @@ def test_networks_shapes_and_range():
     assert features.shape == (BATCH, discriminator.feature_dim) == (BATCH, 8 * TINY["base_channels"] * 16)
 
 
+def test_discriminator_scores_shared_image_features_as_separate_passes():
+    # The training step passes the real images once for their right and wrong captions.
+    discriminator = make_discriminator().train()
+    images, right, wrong = (
+        torch.randn(BATCH, 3, 64, 64),
+        torch.randn(BATCH, TEXT_DIM),
+        torch.randn(BATCH, TEXT_DIM),
+    )
+    features = discriminator.image_blocks(images)
+    torch.testing.assert_close(discriminator.score(features, right), discriminator(images, right)[0])
+    torch.testing.assert_close(discriminator.score(features, wrong), discriminator(images, wrong)[0])
+    assert not torch.allclose(discriminator.score(features, right), discriminator.score(features, wrong))
+
+
 def test_networks_have_the_thesis_six_blocks_at_64px():
     generator, discriminator = make_generator(dropout=0.3), make_discriminator()
     assert len(generator.blocks) == 6

@@ -128,8 +128,11 @@ class TextToWebtoonGAN(LightningModule):
         fake = self.generator(noise, right)
 
         with self.toggled_optimizer(opt_d):
-            real_right_logits, _ = self.discriminator(real, right)
-            real_wrong_logits, _ = self.discriminator(real, wrong)
+            # The real images' features do not depend on the caption: computed once for the right and wrong one
+            # (the same batch, so the same batch-norm statistics as two passes).
+            real_features = self.discriminator.image_blocks(real)
+            real_right_logits = self.discriminator.score(real_features, right)
+            real_wrong_logits = self.discriminator.score(real_features, wrong)
             fake_right_logits, _ = self.discriminator(fake.detach(), right)
             d_terms = discriminator_loss(
                 real_right_logits, real_wrong_logits, fake_right_logits, real_label=self.real_label

@@ -144,7 +144,12 @@ class WebtoonDiscriminator(nn.Module):
     def forward(self, images: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [B] and flattened 4×4 image features [B, feature_dim] (taken before the text is joined)."""
         image_features = self.image_blocks(images)
+        return self.score(image_features, text_features), image_features.flatten(1)
+
+    def score(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """Logits [B] of 4×4 image features (``image_blocks`` output) paired with sentence vectors. Apart, so
+        that one pass over the real images serves both their right and their wrong captions."""
         text = self.text_projection(text_features)
         text_map = text[:, :, None, None].expand(-1, -1, TEXT_JOIN_SIZE, TEXT_JOIN_SIZE)
         joint = self.joint_block(torch.cat([image_features, text_map], dim=1))
-        return self.logit(joint).flatten(), image_features.flatten(1)
+        return self.logit(joint).flatten()
