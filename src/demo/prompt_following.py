@@ -76,7 +76,9 @@ class PromptFollowing(L.Callback):
         scenes = [scene for scene, *_ in self.prompts for _ in range(images.shape[1])]
         flat = images.flatten(0, 1)
         pictures = [to_pil(image) for image in flat]
-        colours = torch.tensor([dominant_colour(p) == s.colour for p, s in zip(pictures, scenes, strict=True)])
+        colours = torch.tensor(
+            [dominant_colour(p) == s.colour for p, s in zip(pictures, scenes, strict=True)]
+        )
         backgrounds = torch.tensor(
             [dominant_background(p) == s.background for p, s in zip(pictures, scenes, strict=True)]
         )
