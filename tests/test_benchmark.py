@@ -148,6 +148,37 @@ def test_hanok_benchmark_tables_the_papers_scores_beside_ours(tiny_sd, judge, tm
     assert "| 3 |" in tables
 
 
+def test_a_rerun_on_a_retrained_base_model_stops_before_judging_or_training(tiny_sd, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd, base)
+    bench = FineTuneBenchmark(
+        out_dir=tmp_path / "bench",
+        image_dir=tmp_path / "subject",
+        base_model=str(base),
+        methods={"lora": {"experiment": "finetune_lora"}},
+        num_images=[3],
+        prompts={"A": "*, black background"},
+        judge="unused",
+        subject_name="teal hanok",
+    )
+    work = []
+    monkeypatch.setattr(FineTuneBenchmark, "judge_base", lambda self: work.append(BASE))
+    monkeypatch.setattr(FineTuneBenchmark, "train", lambda self, method, sizes: work.append(method))
+    monkeypatch.setattr(FineTuneBenchmark, "judge_cell", lambda self, cell: work.append(cell))
+    monkeypatch.setattr(FineTuneBenchmark, "results", lambda self: [])
+    bench.run()
+    assert work and (bench.out_dir / "base_model.json").is_file()
+
+    bench.run()  # the same base: resumes
+    weights = next(base.glob("unet/*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the base is retrained: other weights
+    work.clear()
+    with pytest.raises(RuntimeError, match="another base model"):
+        bench.run()
+    assert work == []
+
+
 def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods():
     methods, sizes = ["textual_inversion", "dreambooth", "lora", "hypernetwork"], [5, 50, 100]
     rows = [

@@ -12,7 +12,8 @@ cell is then judged here: ``num_images_per_prompt`` images per prompt with fixed
 
 The base model, prompted with the subject's name in place of ``*``, is the row every method must beat on CLIP-I.
 A cell is done when its ``cell.json`` exists, so a stopped benchmark rerun with the same command trains and
-judges only the cells not yet done. :func:`write_report` turns the cells into ``results.csv``, ``tables.md``
+judges only the cells not yet done; ``base_model.json`` records which base model the cells were trained on, and a
+rerun on another (e.g. a retrained demo base) stops rather than mix the two in one table. :func:`write_report` turns the cells into ``results.csv``, ``tables.md``
 (the paper's Tables 2-4 layout), ``training_time.png`` (its Figure 6) and a method x size grid per prompt
 (Figures 3-5).
 """
@@ -20,6 +21,7 @@ judges only the cells not yet done. :func:`write_report` turns the cells into ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ __all__ = ["BASE", "Cell", "FineTuneBenchmark", "write_report"]
 
 BASE = "base"  # the row of the base model, before any fine-tuning
 CELL_RESULT = "cell.json"
+BASE_RECORD = "base_model.json"
 METHOD_TITLES = {
     "textual_inversion": "Textual Inversion",
     "dreambooth": "DreamBooth",
@@ -105,6 +108,7 @@ class FineTuneBenchmark:
     def run(self) -> list[dict[str, Any]]:
         """Train and judge every cell not yet done, judge the base model once; return all results."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.check_base_model()
         if not self.is_done(BASE):
             self.judge_base()
         for method in self.methods:
@@ -115,6 +119,18 @@ class FineTuneBenchmark:
             for cell in pending:
                 self.judge_cell(cell)
         return self.results()
+
+    def check_base_model(self) -> None:
+        """Record the base model on the first run; stop if a rerun finds another one."""
+        record, current = self.out_dir / BASE_RECORD, model_fingerprint(self.base_model)
+        if not record.is_file():
+            record.write_text(json.dumps(current, indent=1))
+        elif json.loads(record.read_text()) != current:
+            raise RuntimeError(
+                f"{self.out_dir} holds cells trained on another base model than {self.base_model} (its files "
+                f"differ from those recorded in {record.name}); resuming would table two base models as one. "
+                "Move that directory away, or give this benchmark another name=."
+            )
 
     def train(self, method: str, sizes: Sequence[int]) -> None:
         """One ``train.py`` multirun of ``method``'s experiment over ``sizes``; an unfinished cell restarts."""
@@ -227,6 +243,23 @@ class FineTuneBenchmark:
 
 
 # --- the report -------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(name_or_path: str) -> dict[str, Any]:
+    """A hub id as it is; a local directory by its files' sizes and a hash of each file's first and last MiB
+    (enough to tell retrained weights apart, and quick on Stable Diffusion's gigabytes)."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return {"name_or_path": name_or_path}
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest, size = hashlib.sha256(), file.stat().st_size
+        with file.open("rb") as handle:
+            digest.update(handle.read(2**20))
+            handle.seek(max(0, size - 2**20))
+            digest.update(handle.read(2**20))
+        files[file.relative_to(path).as_posix()] = [size, digest.hexdigest()]
+    return {"files": files}
 
 
 def write_report(
