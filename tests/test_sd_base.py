@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 
 import lightning as L
 import pytest
@@ -127,11 +128,46 @@ def test_stage_one_trains_only_the_vae_and_stage_two_only_the_text_encoder_and_u
     trainer.fit(model, train_dataloaders=DataLoader(list(batches(6)), batch_size=None))
     stage_one, stage_two = moved(snapshots.at[0], snapshots.at[3]), moved(snapshots.at[3], snapshots.at[6])
     assert stage_one and all(name.startswith("vae.") for name in stage_one)
-    assert stage_two and not any(name.startswith("vae.") for name in stage_two)
+    # Stage 2 only collapses the posterior: the log-variance rows of quant_conv, never the means'
+    assert {n for n in stage_two if n.startswith("vae.")} == {"vae.quant_conv.weight", "vae.quant_conv.bias"}
+    latent_channels = model.vae.config.latent_channels
+    for name in ("vae.quant_conv.weight", "vae.quant_conv.bias"):
+        before, after = snapshots.at[3][name], snapshots.at[6][name]
+        torch.testing.assert_close(after[:latent_channels], before[:latent_channels], rtol=0, atol=0)
     assert any(n.startswith("unet.") for n in stage_two) and any(
         n.startswith("text_encoder.") for n in stage_two
     )
     assert float(model.latent_scale) > 0
+
+
+def test_the_vae_learns_the_colour_of_small_shapes(tokenizer):
+    """Stage 1 reconstructs a small shape's colour, which the loss it replaced (L1 of a posterior sample) lost:
+    L1's optimum for a pixel that may be shape or background is the background."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from src.demo.synthetic import Scene, dominant_colour, render_scene
+    from src.utils.image_grid import to_pil
+
+    model = tiny_model(tokenizer)
+    scenes = [
+        Scene(kind="circle", colour=colour, size="small", position="center", background="white")
+        for colour in ("red", "blue", "green", "yellow")
+    ]
+    images = torch.stack(
+        [pil_to_tensor(render_scene(scene, "flat", 16, random.Random(0))) for scene in scenes]
+    )
+    images = images.float() / 127.5 - 1
+    optimizer = torch.optim.AdamW(model.vae.parameters(), lr=3e-3)
+    for _ in range(300):  # ~9 s; L1 of a posterior sample, the same steps: green, green, green, no colour
+        loss = model.autoencoder_loss(images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        posterior = model.vae.encode(images).latent_dist
+        reconstructions = model.vae.decode(posterior.mode()).sample.clamp(-1, 1)
+    colours = [dominant_colour(to_pil((image + 1) / 2)) for image in reconstructions]
+    assert colours == [scene.colour for scene in scenes]
 
 
 def test_denoising_loss_goes_down_on_a_fixed_batch(tokenizer):
@@ -167,12 +203,17 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
 
     model = tiny_model(tokenizer, vae_steps=0)
     images = next(batches(1))["image"]
+    means = model.vae.encode(images).latent_dist.mode()
     latents = model.encode_images(images)  # stage 2 begins: the latent scale is measured
     torch.testing.assert_close(model.encode_images(images), latents)  # the posterior's mode, not a sample
+    torch.testing.assert_close(latents, means * model.latent_scale)  # collapsing the posterior kept its mode
     export = model.export(tmp_path / "export")
 
     pipeline = StableDiffusionPipeline.from_pretrained(export, safety_checker=None)
     assert pipeline.vae.config.scaling_factor == pytest.approx(float(model.latent_scale))
+    # whoever samples the exported posterior, as diffusers' training scripts do, gets the latents trained on
+    posterior = pipeline.vae.encode(images).latent_dist
+    torch.testing.assert_close(posterior.sample(), posterior.mode(), atol=1e-5, rtol=0)
     # the sampler predicts what the UNet was trained to predict
     assert pipeline.scheduler.config.prediction_type == model.noise_scheduler.config.prediction_type
     images = pipeline(

@@ -2,7 +2,7 @@
 
 Latent diffusion (Rombach et al. 2022) in two stages, as the paper trains it: first an autoencoder (the VAE,
 with the small KL term of their "KL-reg" variant; we drop the perceptual and adversarial losses, which need
-pretrained or extra networks, and use L1 reconstruction), then, with the autoencoder frozen and its latents
+pretrained or extra networks, and reconstruct with squared error), then, with the autoencoder frozen and its latents
 scaled to unit variance, a UNet that denoises the latents conditioned on a text encoder trained with it. Captions
 are dropped to the empty prompt at random, so that sampling can use classifier-free guidance (Ho & Salimans 2022).
 
@@ -27,9 +27,11 @@ from torch import Tensor
 from src.data.preprocess import Preprocess
 from src.modules.diffusion.objective import denoising_target, per_example_loss
 
-__all__ = ["LatentDiffusionFromScratch"]
+__all__ = ["LatentDiffusionFromScratch", "collapse_posterior"]
 
 log = logging.getLogger(__name__)
+
+LOG_VARIANCE_FLOOR = -30.0  # DiagonalGaussianDistribution clamps log-variances to [-30, 20]
 
 
 class LatentDiffusionFromScratch(LightningModule):
@@ -119,9 +121,17 @@ class LatentDiffusionFromScratch(LightningModule):
         return loss
 
     def autoencoder_loss(self, images: Tensor) -> Tensor:
+        """Squared error of the posterior's mode, decoded, plus the KL term that keeps the latents bounded.
+
+        Measured on the shapes at 400 steps (colour of the reconstructed shape right, by pixels): L1 of a
+        posterior sample 0.14, squared error of a sample 0.39, squared error of the mode 0.91. L1's optimum for a
+        pixel that may be shape or background is the background (a median), so small shapes lost their colour;
+        a sample adds the untrained posterior's unit noise, which the decoder learns to ignore before it learns
+        colours. Stage 2 encodes the mode too.
+        """
         posterior = self.vae.encode(images).latent_dist
-        reconstruction = self.vae.decode(posterior.sample()).sample
-        return F.l1_loss(reconstruction, images) + self.hparams.kl_weight * posterior.kl().mean()
+        reconstruction = self.vae.decode(posterior.mode()).sample
+        return F.mse_loss(reconstruction, images) + self.hparams.kl_weight * posterior.kl().mean()
 
     def denoising_loss(
         self,
@@ -149,14 +159,11 @@ class LatentDiffusionFromScratch(LightningModule):
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
-        """Scaled VAE latents; the first call of stage 2 freezes the VAE and measures the scale.
-
-        The posterior's mode, not a sample: after a few hundred steps with a tiny KL weight the posterior's
-        standard deviation is still about a third of the latents' spread (measured: 0.44 against 1.27), noise
-        that the decoder has learned to ignore but that the UNet would have to model as part of every image.
-        """
+        """Scaled VAE latents, the posterior's mode; the first call of stage 2 freezes the VAE, collapses its
+        posterior onto the mode and measures the scale."""
         if self.vae.training or any(p.requires_grad for p in self.vae.parameters()):
             self.vae.requires_grad_(False).eval()
+            collapse_posterior(self.vae)
         latents = self.vae.encode(images).latent_dist.mode()
         if float(self.latent_scale) == 0.0:
             self.latent_scale.fill_(1.0 / latents.std().clamp(min=1e-6))
@@ -254,3 +261,20 @@ class LatentDiffusionFromScratch(LightningModule):
         out_dir = Path(out_dir)
         self.pipeline().save_pretrained(out_dir)
         return out_dir
+
+
+def collapse_posterior(vae: Any) -> None:
+    """Make an ``AutoencoderKL``'s posterior a point at its mode, so that ``latent_dist.sample()`` returns ``.mode()``.
+
+    Stage 1 decodes only the mode, so the encoder's variance is never trained: measured after 400 steps, its
+    standard deviation is 1.00 against a spread of 0.64 in the means. Whoever samples the exported VAE's
+    posterior, as diffusers' training scripts and this package's fine-tuning do, would bury every latent in noise
+    (fine-tuning on such latents turned the base model's drawings into scribbles). The log-variance rows of
+    ``quant_conv`` are zeroed and their bias set to diffusers' floor: the means, and so every latent the UNet
+    was trained on, are unchanged.
+    """
+    latent_channels = vae.config.latent_channels
+    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    with torch.no_grad():
+        conv.weight[latent_channels:] = 0.0
+        conv.bias[latent_channels:] = LOG_VARIANCE_FLOOR
