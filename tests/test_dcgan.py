@@ -122,6 +122,19 @@ def test_networks_have_the_thesis_six_blocks_at_64px():
     assert len(discriminator.image_blocks) + 2 == 6
 
 
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_nearest_upsampling_doubles_every_block_without_transposed_convolutions(image_size):
+    generator = make_generator(upsampling="nearest", image_size=image_size)
+    maps = [torch.randn(BATCH, NOISE_DIM + TINY["text_embed_dim"], 1, 1)]
+    for block in generator.blocks:
+        maps.append(block(maps[-1]))
+    assert [m.shape[-1] for m in maps] == [2**i for i in range(len(maps))]
+    assert maps[-1].shape == (BATCH, 3, image_size, image_size) and maps[-1].abs().max() <= 1
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in generator.modules())
+    with pytest.raises(ValueError, match="upsampling must be one of"):
+        make_generator(upsampling="bilinear")
+
+
 def test_dcgan_init():
     generator = make_generator(base_channels=32)
     conv = generator.blocks[2][0].weight

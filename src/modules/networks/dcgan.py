@@ -48,6 +48,21 @@ def _num_doublings(image_size: int) -> int:
     return blocks
 
 
+def _transposed_doubling(in_channels: int, out_channels: int, bias: bool) -> nn.Module:
+    # k=4, s=2, p=1 exactly doubles the resolution (also 1×1 → 2×2 for the first block).
+    return nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=bias)
+
+
+def _nearest_doubling(in_channels: int, out_channels: int, bias: bool) -> nn.Module:
+    # Every output pixel sees the same number of input pixels: no checkerboard (Odena et al. 2016).
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=bias)
+    )
+
+
+UPSAMPLING = {"transposed": _transposed_doubling, "nearest": _nearest_doubling}
+
+
 def _text_projection(text_dim: int, text_embed_dim: int) -> nn.Sequential:
     # Reed et al. 2016 compress the sentence vector before conditioning both networks on it.
     return nn.Sequential(
@@ -66,8 +81,13 @@ class WebtoonGenerator(nn.Module):
         base_channels: int = 64,
         dropout: float = 0.2,
         image_size: int = 64,
+        upsampling: str = "transposed",
     ) -> None:
+        """``upsampling``: ``transposed`` (the thesis' and DCGAN's stride-2 transposed convolutions) or
+        ``nearest`` (nearest-neighbour doubling then a 3x3 convolution, Odena et al. 2016: no checkerboard)."""
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {sorted(UPSAMPLING)}, got {upsampling!r}")
         num_blocks = _num_doublings(image_size)
         self.noise_dim = noise_dim
         self.image_size = image_size
@@ -80,8 +100,7 @@ class WebtoonGenerator(nn.Module):
         for out_channels in widths:
             blocks.append(
                 nn.Sequential(
-                    # k=4, s=2, p=1 exactly doubles the resolution (also 1×1 → 2×2 for the first block).
-                    nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=False),
+                    UPSAMPLING[upsampling](in_channels, out_channels, bias=False),
                     # Thesis order: conv, dropout, batch norm, ReLU. Dropout is the thesis' regulariser and, as in
                     # pix2pix, an extra source of stochasticity; it is off in eval mode, so generation is a
                     # deterministic function of the noise.
@@ -91,7 +110,7 @@ class WebtoonGenerator(nn.Module):
                 )
             )
             in_channels = out_channels
-        blocks.append(nn.Sequential(nn.ConvTranspose2d(in_channels, 3, 4, 2, 1), nn.Tanh()))
+        blocks.append(nn.Sequential(UPSAMPLING[upsampling](in_channels, 3, bias=True), nn.Tanh()))
         self.blocks = nn.Sequential(*blocks)
         self.apply(dcgan_init_)
 
