@@ -2,9 +2,10 @@
 
 Latent diffusion (Rombach et al. 2022) in two stages, as the paper trains it: first an autoencoder (the VAE,
 with the small KL term of their "KL-reg" variant; we drop the perceptual and adversarial losses, which need
-pretrained or extra networks, and reconstruct with squared error), then, with the autoencoder frozen and its latents
-scaled to unit variance, a UNet that denoises the latents conditioned on a text encoder trained with it. Captions
-are dropped to the empty prompt at random, so that sampling can use classifier-free guidance (Ho & Salimans 2022).
+pretrained or extra networks, and reconstruct with squared error), then, with the autoencoder frozen and its
+latents scaled to unit variance, a UNet that denoises the latents conditioned on a text encoder trained with it.
+Captions are dropped to the empty prompt at random, so that sampling can use classifier-free guidance (Ho &
+Salimans 2022).
 
 Every part is a diffusers or transformers class built from a config (``AutoencoderKL``,
 ``UNet2DConditionModel``, ``CLIPTextModel``, a ``CLIPTokenizer``, a DDPM noise schedule), so :meth:`export` writes a
@@ -264,7 +265,7 @@ class LatentDiffusionFromScratch(LightningModule):
 
 
 def collapse_posterior(vae: Any) -> None:
-    """Make an ``AutoencoderKL``'s posterior a point at its mode, so that ``latent_dist.sample()`` returns ``.mode()``.
+    """Make an ``AutoencoderKL``'s posterior a point at its mode: ``latent_dist.sample()`` returns ``.mode()``.
 
     Stage 1 decodes only the mode, so the encoder's variance is never trained: measured after 400 steps, its
     standard deviation is 1.00 against a spread of 0.64 in the means. Whoever samples the exported VAE's
