@@ -196,7 +196,8 @@ def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods(
         for i, m in enumerate(methods)
         for j, n in enumerate(sizes)
     ]
-    rows.append({**rows[0], "method": BASE, "images": 0, "clip_t": 0.1})
+    rows.append({**rows[0], "method": BASE, "images": 0, "clip_t": 0.1, "clip_i": 0.3})
+    rows[-2]["clip_i"] = 0.3  # the hypernetwork at 100 images: equal to the base, not above it
     paper = {"A": {"textual_inversion": {5: 0.24, 50: 0.25, 100: 0.25}, "dreambooth": {5: 0.30}}}
     text = tables_markdown(rows, {"A": "*, fire"}, methods, sizes, paper)
     lines = text.splitlines()
@@ -205,6 +206,10 @@ def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods(
     assert lines[start + 4] == "| 5 | 0.200 | 0.210 | 0.220 | 0.230 |"
     assert lines[start + 6] == "| 100 | 0.202 | 0.212 | 0.222 | 0.232 |"
     assert lines[start + 7].startswith("| base model | 0.100 |")
+    fidelity = lines.index("## Prompt A: `*, fire` — CLIP-I (concept fidelity)")
+    assert lines[fidelity + 4] == "| 5 | 0.500 | 0.500 | 0.500 | 0.500 |"
+    assert lines[fidelity + 6] == "| 100 | 0.500 | 0.500 | 0.500 | 0.300 ↓ |"
+    assert lines[fidelity + 9] == "↓: not above the base model's CLIP-I for this prompt."
     paper_start = lines.index("Paper 000, Table for prompt A (CLIP score):")
     assert lines[paper_start + 4] == "| 5 | 0.240 | 0.300 |  |  |"
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = ["BASE", "Cell", "FineTuneBenchmark", "write_report"]
 
 BASE = "base"  # the row of the base model, before any fine-tuning
+NOT_ABOVE_BASE = "↓"  # marks a CLIP-I cell that fine-tuning did not lift above the base model
 CELL_RESULT = "cell.json"
 BASE_RECORD = "base_model.json"
 METHOD_TITLES = {
@@ -314,14 +315,18 @@ def tables_markdown(
     rule = "|---|" + "---|" * len(methods)
     lines = ["# Fine-tuning benchmark", ""] + ([note, ""] if note else [])
     for label, prompt in prompts.items():
+        base = value.get((BASE, 0, label))
         for metric, title in (("clip_t", "CLIP-T (CLIP score)"), ("clip_i", "CLIP-I (concept fidelity)")):
             lines += [f"## Prompt {label}: `{prompt}` — {title}", "", header, rule]
+            # Fine-tuning exists to raise concept fidelity above the base model's: cells that do not are marked.
+            bar = base["clip_i"] if metric == "clip_i" and base is not None else None
             for n in num_images:
                 cells = [value.get((m, n, label), {}).get(metric) for m in methods]
-                lines.append(f"| {n} | " + " | ".join(_cell(c) for c in cells) + " |")
-            base = value.get((BASE, 0, label))
+                lines.append(f"| {n} | " + " | ".join(_cell(c, bar=bar) for c in cells) + " |")
             if base is not None:
                 lines.append(f"| base model | {_cell(base[metric])} |" + " |" * (len(methods) - 1))
+            if bar is not None:
+                lines += ["", f"{NOT_ABOVE_BASE}: not above the base model's CLIP-I for this prompt."]
             lines.append("")
             if metric == "clip_t" and paper and label in paper:
                 lines += [f"Paper 000, Table for prompt {label} (CLIP score):", "", header, rule]
@@ -347,8 +352,12 @@ def tables_markdown(
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None, digits: int = 3) -> str:
-    return "" if value is None else f"{float(value):.{digits}f}"
+def _cell(value: float | None, digits: int = 3, bar: float | None = None) -> str:
+    """``value`` rounded, marked when it is not above ``bar`` (the base model's CLIP-I)."""
+    if value is None:
+        return ""
+    text = f"{float(value):.{digits}f}"
+    return f"{text} {NOT_ABOVE_BASE}" if bar is not None and value <= bar else text
 
 
 def training_time_chart(
