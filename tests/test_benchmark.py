@@ -17,6 +17,7 @@ from test_clip_score import write_tiny_clip
 from tiny_sd import build_tiny_stable_diffusion, write_image_folder
 
 from src.benchmark.finetune import BASE, FineTuneBenchmark, tables_markdown
+from src.modules.networks.hypernetwork import load_hypernetwork
 
 # A few CPU steps per cell, small images, few sampler steps (appended after each method's own overrides).
 MINIATURE_TRAINING = [
@@ -41,8 +42,16 @@ def judge(tmp_path_factory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("judge"))
 
 
-def miniature(experiment: str, tiny_sd: Path, judge: Path, tmp_path: Path, *extra: str):
-    """The experiment's config with 2 methods x 1 size x 1 prompt, everything heavy swapped for tiny copies."""
+def miniature(
+    experiment: str,
+    tiny_sd: Path,
+    judge: Path,
+    tmp_path: Path,
+    *extra: str,
+    dropped: tuple[str, ...] = ("dreambooth", "hypernetwork"),
+):
+    """The experiment's config with 1 size x 1 prompt of the methods not ``dropped``, everything heavy swapped
+    for tiny copies."""
     data_dir = tmp_path / "data"
     overrides = [
         f"experiment={experiment}",
@@ -54,8 +63,7 @@ def miniature(experiment: str, tiny_sd: Path, judge: Path, tmp_path: Path, *extr
         "evaluation.num_inference_steps=2",
         "evaluation.device=cpu",
         "num_images=[3]",
-        "~methods.dreambooth",
-        "~methods.hypernetwork",
+        *(f"~methods.{method}" for method in dropped),
         "~prompts.B",
         "~prompts.C",
         f"cell_overrides={json.dumps(MINIATURE_TRAINING)}",
@@ -70,14 +78,27 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
 ):
     from benchmark import benchmark
 
-    cfg = miniature("finetune_benchmark_demo", tiny_sd, judge, tmp_path, "builders.subject.num_images=6")
+    # The hypernetwork too: its demo settings (relu activation) differ from its experiment's.
+    cfg = miniature(
+        "finetune_benchmark_demo",
+        tiny_sd,
+        judge,
+        tmp_path,
+        "builders.subject.num_images=6",
+        dropped=("dreambooth",),
+    )
     out = benchmark(cfg)
 
     assert out == tmp_path / "logs" / "benchmark" / "demo"
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     cells = {(r["method"], r["images"], r["prompt"]) for r in rows}
-    assert cells == {("textual_inversion", "3", "A"), ("lora", "3", "A"), (BASE, "0", "A")}
+    assert cells == {
+        ("textual_inversion", "3", "A"),
+        ("lora", "3", "A"),
+        ("hypernetwork", "3", "A"),
+        (BASE, "0", "A"),
+    }
     for row in rows:
         assert 0 < float(row["clip_i"]) <= 1 and 0 <= float(row["clip_t"]) <= 1
         if row["method"] != BASE:
@@ -88,6 +109,10 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
             )
     for name in ("tables.md", "training_time.png", "grid_A.png"):
         assert (out / name).is_file(), name
+    hypernetwork = load_hypernetwork(
+        out / "runs" / "hypernetwork" / "images_3" / "export" / "hypernetwork.pt"
+    )
+    assert hypernetwork.activation_func == "relu"
     tables = (out / "tables.md").read_text()
     assert "not comparable" in tables and "Paper 000" not in tables  # a demo never tables the paper beside it
     # The subject's images came from the demo's builder, 6 as asked, captioned with the placeholder.
