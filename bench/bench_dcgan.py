@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from src.data.caption_encoder import CaptionEncoder
 from src.data.datamodule import WebtoonShardDataModule
-from src.data.text_features import TextFeatureEncoder, precompute_text_features
+from src.data.text_features import precompute_text_features
 from src.demo.synthetic import generate_synthetic_dataset
 from src.modules.dcgan_module import TextToWebtoonGAN
 
@@ -60,7 +61,7 @@ def fit_seconds(model: L.LightningModule, loader, batches: int) -> float:
 class EncodeOnTheFly(TextToWebtoonGAN):
     """The same GAN, but each batch's captions are encoded by the text encoder inside the step."""
 
-    def __init__(self, encoder: TextFeatureEncoder, *args, **kwargs):
+    def __init__(self, encoder: CaptionEncoder, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.text_encoder = encoder
 
@@ -113,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw, features = Path(tmp) / "raw", Path(tmp) / "features"
         generate_synthetic_dataset(raw, num_samples=args.samples, seed=0, split_fractions=(1.0, 0.0, 0.0))
-        encoder = TextFeatureEncoder(**ENCODER, tokenizer=str(raw / "tokenizer"))
+        encoder = CaptionEncoder(**ENCODER, tokenizer=str(raw / "tokenizer"))
         precompute_text_features(str(raw / "train-*.tar"), features, encoder, progress=False)
         common = dict(
             batch_size=32, num_workers=0, preprocess={"image_size": 64}, train_samples=32 * args.batches

@@ -93,7 +93,7 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
     from transformers import AutoProcessor, VisionTextDualEncoderModel, pipeline
 
     from evaluate import evaluate
-    from src.data.text_features import TextFeatureEncoder
+    from src.data.caption_encoder import CaptionEncoder
     from src.modules.clip_analysis import load_image_index
 
     out, train_metrics, _ = trained_run
@@ -125,7 +125,7 @@ def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synt
     torch.testing.assert_close(theirs.image_embeds, ours_image, atol=1e-5, rtol=1e-5)
 
     # The text tower alone serves as a sentence encoder (e.g. for the DCGAN's precomputed features).
-    sentence_encoder = TextFeatureEncoder(name_or_path=str(tmp_path / "text_encoder"), pooling="cls")
+    sentence_encoder = CaptionEncoder(name_or_path=str(tmp_path / "text_encoder"), pooling="cls")
     with torch.no_grad():
         ids = processor.tokenizer(captions[:1], return_tensors="pt")["input_ids"]
         expected = model.encoder.model.text_model(input_ids=ids).last_hidden_state[0, 0]

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from src.data.caption_encoder import CaptionEncoder
 from src.data.schema import WebtoonSample, decode_npy
 from src.data.shards import read_sizes, write_shards
 from src.data.text_features import (
     METADATA_FILE,
     SAVED_ENCODER_DIR,
-    TextFeatureEncoder,
     caption_rows,
     load_text_encoder_from_features,
     precompute_text_features,
@@ -80,7 +80,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 def saved_encoder_dir(tmp_path_factory, tokenizer_dir) -> str:
     """A tiny BERT saved with save_pretrained: loading it by path is the user's pretrained-encoder code path."""
     path = tmp_path_factory.mktemp("tiny_bert")
-    TextFeatureEncoder(name_or_path=None, config=TINY_BERT, tokenizer=tokenizer_dir, seed=1).save(path)
+    CaptionEncoder(name_or_path=None, config=TINY_BERT, tokenizer=tokenizer_dir, seed=1).save(path)
     return str(path)
 
 
@@ -107,8 +107,8 @@ def read_output(path: Path) -> dict[str, dict]:
 
 def test_encoder_by_path_pools_cls_and_mean(saved_encoder_dir):
     texts = ["a red circle", "큰 빨간 원", "a big blue square number 3"]
-    cls = TextFeatureEncoder(name_or_path=saved_encoder_dir, pooling="cls", batch_size=2)
-    mean = TextFeatureEncoder(name_or_path=saved_encoder_dir, pooling="mean", batch_size=2)
+    cls = CaptionEncoder(name_or_path=saved_encoder_dir, pooling="cls", batch_size=2)
+    mean = CaptionEncoder(name_or_path=saved_encoder_dir, pooling="mean", batch_size=2)
     vectors = cls.encode(texts)
     assert vectors.shape == (3, 32) and vectors.dtype == torch.float32
     assert not torch.allclose(vectors, mean.encode(texts))
@@ -122,7 +122,7 @@ def test_encoder_by_path_pools_cls_and_mean(saved_encoder_dir):
 
 
 def test_precompute_writes_aligned_features(tmp_path, shard_dir, saved_encoder_dir):
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir, batch_size=4)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir, batch_size=4)
     out = tmp_path / "features"
     stats = precompute_text_features(
         str(shard_dir / "train-{000000..000001}.tar"), out, encoder, progress=False
@@ -166,7 +166,7 @@ def test_training_reader_finds_each_captions_vector(tmp_path, saved_encoder_dir)
     with wds.TarWriter(str(source / "train-000000.tar")) as sink:
         for record in records:
             sink.write(record)
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir)
     precompute_text_features(str(source / "train-000000.tar"), tmp_path / "out", encoder, progress=False)
 
     reader = wds.WebDataset(str(tmp_path / "out" / "train-000000.tar"), shardshuffle=False, empty_check=False)
@@ -180,7 +180,7 @@ def test_training_reader_finds_each_captions_vector(tmp_path, saved_encoder_dir)
 
 
 def test_resume_reencodes_only_missing_shard(tmp_path, shard_dir, saved_encoder_dir):
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir, batch_size=4)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir, batch_size=4)
     out = tmp_path / "features"
     shards = [str(shard_dir / "train-000000.tar"), str(shard_dir / "train-000001.tar")]
     precompute_text_features(shards, out, encoder, progress=False)
@@ -224,7 +224,7 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, saved_encoder_dir):
             sink.write(record)
         sink.write({"__key__": "bad0001", "jpg": b"\xff\xd8", "json": b"{not json"})
 
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         stats = precompute_text_features(str(broken / "val-*.tar"), tmp_path / "out", encoder, progress=False)
     assert stats["samples_corrupt"] == 1 and stats["samples_written"] == 3
@@ -237,7 +237,7 @@ def test_a_shard_that_fails_half_way_is_not_marked_done_and_a_rerun_redoes_it(tm
     write_shards(make_samples(6), source, "val", samples_per_shard=3)
     intact = (source / "val-000001.tar").read_bytes()
     (source / "val-000001.tar").write_bytes(intact[: len(intact) * 2 // 3])
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="not written: .*val-000001.tar"):
         precompute_text_features(str(source / "val-*.tar"), out, encoder, progress=False)
@@ -253,7 +253,7 @@ def test_a_shard_that_fails_half_way_is_not_marked_done_and_a_rerun_redoes_it(tm
 
 
 def test_out_dir_must_differ_from_input_dir(shard_dir, saved_encoder_dir):
-    encoder = TextFeatureEncoder(name_or_path=saved_encoder_dir)
+    encoder = CaptionEncoder(name_or_path=saved_encoder_dir)
     with pytest.raises(ValueError, match="holds input shards"):
         precompute_text_features(str(shard_dir / "train-*.tar"), shard_dir, encoder, progress=False)
 
@@ -268,7 +268,7 @@ def read_raw(path: Path) -> list[dict]:
 
 
 def test_random_encoder_is_saved_and_reloaded(tmp_path, shard_dir, tokenizer_dir):
-    encoder = TextFeatureEncoder(
+    encoder = CaptionEncoder(
         name_or_path=None, config=TINY_BERT, tokenizer=tokenizer_dir, pooling="mean", seed=3
     )
     out = tmp_path / "features"
@@ -295,9 +295,9 @@ def test_random_encoder_is_saved_and_reloaded(tmp_path, shard_dir, tokenizer_dir
 
 def test_other_encoder_in_same_out_dir_is_refused(tmp_path, shard_dir, saved_encoder_dir, tokenizer_dir):
     out = tmp_path / "features"
-    first = TextFeatureEncoder(name_or_path=saved_encoder_dir)
+    first = CaptionEncoder(name_or_path=saved_encoder_dir)
     precompute_text_features(str(shard_dir / "train-000000.tar"), out, first, progress=False)
-    other = TextFeatureEncoder(name_or_path=None, config=TINY_BERT, tokenizer=tokenizer_dir, seed=99)
+    other = CaptionEncoder(name_or_path=None, config=TINY_BERT, tokenizer=tokenizer_dir, seed=99)
     with pytest.raises(ValueError, match="another encoder"):
         precompute_text_features(str(shard_dir / "train-000001.tar"), out, other, progress=False)
 
@@ -312,7 +312,7 @@ def test_missing_hub_weights_name_the_setting(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MissingWeightsError, match="encoder.name_or_path") as error:
-        TextFeatureEncoder(name_or_path="bert-base-multilingual-cased")
+        CaptionEncoder(name_or_path="bert-base-multilingual-cased")
     assert "bert-base-multilingual-cased" in str(error.value)
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from src.data.image_folder import decodes, list_image_files, open_rgb
+from src.utils.device import half_precision_dtype, resolve_device
 from src.utils.hub import from_pretrained
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ def load_captioner(captioner: str, device: str | None = None) -> tuple[Any, Any]
     """BLIP's processor and captioning model from a hub id or a local copy (fp16 on GPUs), ready to generate."""
     from transformers import AutoProcessor, BlipForConditionalGeneration
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    device = resolve_device(device)
+    dtype = half_precision_dtype(device)
     processor = from_pretrained(AutoProcessor.from_pretrained, str(captioner), CAPTIONER_SETTING)
     model = from_pretrained(
         BlipForConditionalGeneration.from_pretrained, str(captioner), CAPTIONER_SETTING, dtype=dtype

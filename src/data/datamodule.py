@@ -115,10 +115,11 @@ class WebtoonShardDataModule(L.LightningDataModule):
         spec = self.hparams.precompute_features
         if not spec or set(SPLITS) <= set(read_sizes(spec["out_dir"])):
             return
-        from src.data.text_features import TextFeatureEncoder, precompute_text_features
+        from src.data.caption_encoder import CaptionEncoder
+        from src.data.text_features import precompute_text_features
 
         log.info("Precomputing text features of %s into %s", spec["shards"], spec["out_dir"])
-        precompute_text_features(spec["shards"], spec["out_dir"], TextFeatureEncoder(**spec["encoder"]))
+        precompute_text_features(spec["shards"], spec["out_dir"], CaptionEncoder(**spec["encoder"]))
 
     @property
     def tokenizer(self):

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 
 from src.data.schema import WebtoonSample
 
 SIZES_FILE = "sizes.json"
+SHARD_NAME = "{split}-%06d.tar"  # train-000000.tar, ...: the split is what comes before the last dash
+
+
+def split_of(shard_name: str) -> str:
+    """``train-000003.tar`` -> ``train``: the sizes.json key of a shard named by :func:`write_shards`."""
+    stem = shard_name.split(".", 1)[0]
+    return stem.rsplit("-", 1)[0] if "-" in stem else stem
 
 
 def write_shards(
@@ -27,7 +36,7 @@ def write_shards(
     count = 0
     # mtime=0: the same samples give byte-identical shards (webdataset stamps the clock otherwise).
     with wds.ShardWriter(
-        str(out_dir / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0
+        str(out_dir / SHARD_NAME.format(split=split)), maxcount=samples_per_shard, verbose=0, mtime=0
     ) as sink:
         for sample in samples:
             sink.write(sample.to_record(image_format))
@@ -65,3 +74,33 @@ def forget_splits(out_dir: str | os.PathLike, splits: Iterable[str]) -> None:
         path.write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     elif path.exists():
         path.unlink()
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Raw records of a tar shard in order (``{"__key__", ext: bytes}``); a damaged or truncated tar raises."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    path = Path(path)
+    with open(path, "rb") as stream:
+        yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+    check_end_of_archive(path)
+
+
+def count_records(path: str | os.PathLike) -> int:
+    return sum(1 for _ in read_records(path))
+
+
+def check_end_of_archive(path: str | os.PathLike) -> None:
+    """Raise unless the members are followed by tar's end-of-archive marker (two zero blocks).
+
+    Python's tarfile stops quietly at a truncated header, so a shard cut short would otherwise pass as complete.
+    """
+    with tarfile.open(path, mode="r|") as archive:
+        for _ in archive:
+            pass
+        end = archive.offset
+    with open(path, "rb") as raw:
+        raw.seek(end)
+        marker = raw.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise tarfile.ReadError(f"{path} ends without tar's end-of-archive marker: the file is truncated")

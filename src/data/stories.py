@@ -28,6 +28,7 @@ import webdataset as wds
 
 from src.data.pipeline import expand_shards, read_captions
 from src.data.schema import LANGUAGES
+from src.utils.device import resolve_device
 from src.utils.hub import from_pretrained
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def load_language_model(model: str, device: str | None = None) -> tuple[Any, Any
     """A causal LM and its tokenizer (hub id or local dir), set up for batched generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, str(model), MODEL_SETTING)
     # decoder-only models continue from the last token: pad on the left so every prompt ends at the edge
     tokenizer.padding_side = "left"

@@ -14,7 +14,6 @@ and the language of each row as ``feature_languages`` (``"en"`` / ``"ko"``), so 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,24 +21,21 @@ import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from src.data.caption_encoder import CaptionEncoder
 from src.data.pipeline import expand_shards, read_captions
 from src.data.schema import encode_npy
-from src.data.shards import update_sizes
-from src.modules.pooling import masked_mean
-from src.utils.config import plain
-from src.utils.hub import from_pretrained, load_or_init_model
+from src.data.shards import count_records, read_records, split_of, update_sizes
 
 __all__ = [
     "FEATURES_KEY",
     "METADATA_FILE",
     "SAVED_ENCODER_DIR",
-    "TextFeatureEncoder",
     "caption_rows",
     "load_text_encoder_from_features",
     "read_encoder_metadata",
@@ -49,152 +45,11 @@ __all__ = [
 FEATURES_KEY = "txtfeat.npy"
 METADATA_FILE = "text_features.json"
 SAVED_ENCODER_DIR = "text_encoder"
-DEFAULT_ENCODER = "bert-base-multilingual-cased"
 # Captions are buffered across samples until this many batches are pending, so short shards and samples with
 # few captions still fill the encoder's batches; sorting the buffer by length keeps padding small.
 _BUFFER_BATCHES = 4
 
 log = logging.getLogger(__name__)
-
-
-class TextFeatureEncoder:
-    """A Hugging Face text encoder (hub name, local path, or random init from a config) giving one vector per text."""
-
-    def __init__(
-        self,
-        name_or_path: str | None = DEFAULT_ENCODER,
-        config: dict[str, Any] | None = None,
-        tokenizer: str | None = None,
-        pooling: Literal["cls", "mean"] = "cls",
-        max_length: int = 64,
-        batch_size: int = 64,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
-    ) -> None:
-        from transformers import AutoTokenizer
-
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        if name_or_path is None and not config:
-            raise ValueError(
-                "Give encoder.name_or_path (hub name or local path) or encoder.config (random init)."
-            )
-        self.pooling = pooling
-        self.max_length = int(max_length)
-        self.batch_size = int(batch_size)
-        self.pretrained = name_or_path is not None
-        self.name_or_path = str(name_or_path) if name_or_path is not None else None
-
-        tokenizer_source = tokenizer or self.name_or_path or DEFAULT_ENCODER
-        tokenizer_setting = "encoder.tokenizer" if tokenizer else "encoder.name_or_path"
-        self.tokenizer = from_pretrained(AutoTokenizer.from_pretrained, tokenizer_source, tokenizer_setting)
-        # A random encoder's vocabulary is its tokenizer's.
-        overrides = {} if self.pretrained else {"vocab_size": len(self.tokenizer)}
-        if not self.pretrained and self.tokenizer.pad_token_id is not None:
-            overrides["pad_token_id"] = self.tokenizer.pad_token_id
-        self.model = load_or_init_model(
-            self.name_or_path, plain(config), "encoder.name_or_path", seed=seed, **overrides
-        )
-        positions = getattr(self.model.config, "max_position_embeddings", None)
-        if positions is not None and self.max_length > positions:
-            raise ValueError(
-                f"encoder.max_length={self.max_length} exceeds the model's {positions} positions."
-            )
-        self.model.eval().requires_grad_(False)
-        self.device = torch.device("cpu")
-        self.to(device)
-        self._fingerprint: str | None = None
-
-    @classmethod
-    def from_metadata(
-        cls, metadata: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 64
-    ) -> TextFeatureEncoder:
-        """The encoder a ``text_features.json`` record (or a checkpoint's copy of it) describes.
-
-        Warns when the loaded weights differ from the recorded fingerprint: new captions would then not match
-        the vectors the model was trained on.
-        """
-        encoder = cls(
-            name_or_path=metadata["encoder"],
-            pooling=metadata["pooling"],
-            max_length=metadata["max_length"],
-            batch_size=batch_size,
-            device=device,
-        )
-        if metadata.get("fingerprint") and encoder.fingerprint() != metadata["fingerprint"]:
-            warnings.warn(
-                f"The caption encoder loaded from '{metadata['encoder']}' differs from the one that encoded the "
-                "training captions (weights or vocabulary changed); new captions will not match them.",
-                stacklevel=2,
-            )
-        return encoder
-
-    @property
-    def dim(self) -> int:
-        """Size of one sentence vector."""
-        return int(self.model.config.hidden_size)
-
-    def to(self, device: str | torch.device) -> TextFeatureEncoder:
-        """Move the model to ``device`` (``"auto"`` = CUDA when available)."""
-        if str(device) == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Sentence vectors [len(texts), dim] float32 on CPU, computed ``batch_size`` texts per forward pass."""
-        texts = list(texts)
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
-        # Length-sorted batches pad less; results are scattered back to the input order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            inputs = self.tokenizer(
-                [texts[i] for i in index],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**inputs).last_hidden_state.float()
-            # "cls": the last hidden state at [CLS], the thesis' sentence vector.
-            vectors = hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, inputs["attention_mask"])
-            out[torch.tensor(index)] = vectors.cpu()
-        return out
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Save model and tokenizer with ``save_pretrained`` so the encoder reloads by path."""
-        directory = Path(directory)
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-        return directory
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the weights and vocabulary: two encoders with the same fingerprint give the same vectors."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(
-                    tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                )
-            vocab = sorted(self.tokenizer.get_vocab().items())
-            digest.update(json.dumps(vocab, ensure_ascii=False).encode())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
-
-    def metadata(self) -> dict[str, Any]:
-        """What ``text_features.json`` records about this encoder."""
-        return {
-            "encoder": self.name_or_path,
-            "pretrained": self.pretrained,
-            "pooling": self.pooling,
-            "dim": self.dim,
-            "max_length": self.max_length,
-            "fingerprint": self.fingerprint(),
-        }
 
 
 def caption_rows(metadata: dict[str, Any], txt: str | None = None) -> tuple[list[str], list[str]]:
@@ -215,45 +70,10 @@ def caption_rows(metadata: dict[str, Any], txt: str | None = None) -> tuple[list
     return captions, languages
 
 
-def _split_of(shard_name: str) -> str:
-    """``train-000003.tar`` -> ``train``: the sizes.json key written by :func:`write_shards`."""
-    stem = shard_name.split(".", 1)[0]
-    return stem.rsplit("-", 1)[0] if "-" in stem else stem
-
-
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """Raw records of a tar shard in order (``{"__key__", ext: bytes}``); a damaged or truncated tar raises."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    with open(path, "rb") as stream:
-        yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
-    _check_end_of_archive(path)
-
-
-def _check_end_of_archive(path: Path) -> None:
-    """Raise unless the members are followed by tar's end-of-archive marker (two zero blocks).
-
-    Python's tarfile stops quietly at a truncated header, so a shard cut short would otherwise pass as complete.
-    """
-    with tarfile.open(path, mode="r|") as archive:
-        for _ in archive:
-            pass
-        end = archive.offset
-    with open(path, "rb") as raw:
-        raw.seek(end)
-        marker = raw.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
-        raise tarfile.ReadError(f"{path} ends without tar's end-of-archive marker: the file is truncated")
-
-
-def _count_records(path: Path) -> int:
-    return sum(1 for _ in _records(path))
-
-
 def precompute_text_features(
     shards: str | os.PathLike | Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    encoder: TextFeatureEncoder,
+    encoder: CaptionEncoder,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write every input shard to ``out_dir/<same name>`` with a ``txtfeat.npy`` per sample; resumable, returns stats.
@@ -305,9 +125,9 @@ def precompute_text_features(
     # Recount every finished output shard of the touched splits, so sizes.json matches what is on disk even
     # after an interrupted run or when shards of one split were processed by several calls.
     counts: dict[str, int] = {}
-    for split in sorted({_split_of(p.name) for p in paths}):
-        outputs = [p for p in out_dir.glob(f"{split}-*.tar") if _split_of(p.name) == split]
-        counts[split] = sum(_count_records(p) for p in outputs)
+    for split in sorted({split_of(p.name) for p in paths}):
+        outputs = [p for p in out_dir.glob(f"{split}-*.tar") if split_of(p.name) == split]
+        counts[split] = sum(count_records(p) for p in outputs)
     if stats["shards_failed"]:
         failed = "; ".join(stats["shards_failed"])
         raise RuntimeError(
@@ -330,7 +150,7 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str | os.PathLike) else list(value)
 
 
-def _check_or_write_metadata(out_dir: Path, encoder: TextFeatureEncoder) -> dict[str, Any]:
+def _check_or_write_metadata(out_dir: Path, encoder: CaptionEncoder) -> dict[str, Any]:
     """Write ``text_features.json`` (and the random encoder); refuse to mix features of two encoders in one dir."""
     metadata = encoder.metadata()
     if not encoder.pretrained:
@@ -359,7 +179,7 @@ def _check_or_write_metadata(out_dir: Path, encoder: TextFeatureEncoder) -> dict
     return metadata
 
 
-def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats: dict, bar: tqdm) -> None:
+def _encode_shard(source: Path, target: Path, encoder: CaptionEncoder, stats: dict, bar: tqdm) -> None:
     """Copy ``source`` to ``target`` with features added; the temp file is renamed only once complete."""
     import webdataset as wds
 
@@ -389,7 +209,7 @@ def _encode_shard(source: Path, target: Path, encoder: TextFeatureEncoder, stats
             bar.update(len(pending))
             pending, pending_captions = [], 0
 
-        for record in _records(source):
+        for record in read_records(source):
             try:
                 record = _with_caption_order(record)
             except (ValueError, UnicodeDecodeError) as error:
@@ -451,6 +271,6 @@ def read_encoder_metadata(features_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_text_encoder_from_features(
     features_dir: str | os.PathLike, device: str | torch.device = "cpu", batch_size: int = 64
-) -> TextFeatureEncoder:
+) -> CaptionEncoder:
     """The encoder that wrote ``features_dir`` (from its ``text_features.json``), to encode new captions alike."""
-    return TextFeatureEncoder.from_metadata(read_encoder_metadata(features_dir), device, batch_size)
+    return CaptionEncoder.from_metadata(read_encoder_metadata(features_dir), device, batch_size)

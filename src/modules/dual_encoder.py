@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.modules.pooling import masked_mean
 from src.utils.hub import load_or_init_model
+from src.utils.pooling import masked_mean
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clamps the temperature so logits never exceed 100
 
