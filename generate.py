@@ -1,5 +1,9 @@
-"""Generate webtoon images for English / Korean captions with a trained model's pipeline: the text-to-webtoon
-GAN from its checkpoint, or Stable Diffusion with a fine-tuning method's output.
+"""Generate webtoon images for English / Korean captions with a trained model: the text-to-webtoon GAN from its
+checkpoint, or Stable Diffusion with a fine-tuning method's export.
+
+    python generate.py ckpt_path=CKPT captions='["큰 빨간 원", "a large red circle"]' out_dir=DIR
+    python generate.py weights=RUN/export captions='["*, fire"]'
+    python generate.py base_model=DIR method=lora weights=FILE captions=...
 
 Files are named after the caption's index (``000_0.png``), never its text, and ``manifest.json`` records the
 settings and maps each file to its caption. See ``configs/generate.yaml``.
@@ -15,6 +19,8 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from src.utils.cli import one_line_errors
 
 MANIFEST = "manifest.json"
 
@@ -41,88 +47,52 @@ def write_images(
 
 
 def generate_from_config(cfg: DictConfig) -> dict[str, str]:
-    """Load the pipeline the config names, draw every caption, write the images and the manifest; returns
-    file -> caption."""
-    import torch
+    """Load what the config names through the project's loader, draw every caption, write the images and the
+    manifest; returns file -> caption."""
     from hydra.utils import to_absolute_path
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from src.pipelines.loading import load_text_to_image
+    from src.utils.device import resolve_device
+
     captions = [str(c) for c in cfg.captions] if OmegaConf.is_list(cfg.captions) else [str(cfg.captions)]
     if not captions or not all(c.strip() for c in captions):
         raise ValueError("captions must be one or more non-empty strings.")
-    if cfg.ckpt_path:
-        pipeline, settings = gan_pipeline(cfg, device)
-    elif cfg.weights or cfg.base_model:
-        pipeline, settings = stable_diffusion_pipeline(cfg, device)
-    else:
-        raise ValueError(
-            "Say what generates: ckpt_path=<a GAN checkpoint of train.py>, or weights=<a fine-tuning export> "
-            "and/or base_model=<a Stable Diffusion hub id or directory>."
-        )
-    images = pipeline(captions, cfg.num_per_caption, cfg.seed)
-    settings = {**settings, "num_per_caption": cfg.num_per_caption, "seed": cfg.seed, "device": device}
-    out_dir = to_absolute_path(cfg.out_dir)
-    files = write_images(images, captions, out_dir, settings)
-    print(f"wrote {len(files)} images for {len(captions)} captions to {out_dir}")
-    return files
-
-
-def gan_pipeline(cfg: DictConfig, device: str):
-    from hydra.utils import to_absolute_path
-
-    from src.pipelines.text_to_webtoon_gan import TextToWebtoonGANPipeline
-
-    ckpt_path = to_absolute_path(cfg.ckpt_path)
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={cfg.ckpt_path} is not a file: point it at a checkpoint of train.py."
-        )
-    return TextToWebtoonGANPipeline.from_checkpoint(ckpt_path, device=device), {"ckpt_path": ckpt_path}
-
-
-def stable_diffusion_pipeline(cfg: DictConfig, device: str):
-    from hydra.utils import to_absolute_path
-
-    from src.pipelines.stable_diffusion import StableDiffusionGenerator, read_export_record
-
-    weights = to_absolute_path(cfg.weights) if cfg.weights else None
-    if weights and not Path(weights).exists():
-        raise FileNotFoundError(
-            f"weights={cfg.weights} does not exist: point it at a run's export/ directory."
-        )
-    record = read_export_record(weights)
-    base_model = cfg.base_model or record.get("base_model")
-    if base_model and Path(to_absolute_path(base_model)).exists():
-        base_model = to_absolute_path(base_model)
-    method = cfg.method or record.get("method") or ("base" if not weights else None)
-    if method is None:
-        raise ValueError(
-            f"weights={cfg.weights} has no finetune.json: say which method wrote it (method=...)."
-        )
-    generator = StableDiffusionGenerator.load(
-        base_model,
-        method,
-        weights,
+    device = resolve_device(cfg.device)
+    text_to_image = load_text_to_image(
+        ckpt_path=_local(cfg.ckpt_path),
+        weights=_local(cfg.weights),
+        base_model=_local(cfg.base_model),
+        method=cfg.method,
         multiplier=cfg.multiplier,
         device=device,
         num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale,
         negative_prompt=cfg.negative_prompt,
     )
+    images = text_to_image(captions, cfg.num_per_caption, cfg.seed)
     settings = {
-        "base_model": base_model,
-        "method": method,
-        "weights": weights,
-        "multiplier": cfg.multiplier,
-        "prompt_aliases": generator.prompt_aliases,
-        "num_inference_steps": cfg.num_inference_steps,
-        "guidance_scale": cfg.guidance_scale,
-        "negative_prompt": cfg.negative_prompt,
+        **text_to_image.settings,
+        "num_per_caption": cfg.num_per_caption,
+        "seed": cfg.seed,
+        "device": str(device),
     }
-    return generator, settings
+    out_dir = to_absolute_path(cfg.out_dir)
+    files = write_images(images, captions, out_dir, settings)
+    print(f"wrote {len(files)} images for {len(captions)} captions to {out_dir}")
+    return files
+
+
+def _local(path: str | None) -> str | None:
+    """A path as the user typed it, made absolute when it exists (Hydra may run elsewhere); hub ids unchanged."""
+    from hydra.utils import to_absolute_path
+
+    if not path:
+        return None
+    return to_absolute_path(path) if Path(to_absolute_path(path)).exists() else str(path)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+@one_line_errors
 def main(cfg: DictConfig) -> dict[str, str]:
     """Command-line entry point: ``python generate.py ckpt_path=... captions=[...]`` (GAN) or
     ``python generate.py weights=<export dir> captions=[...]`` (Stable Diffusion)."""

@@ -67,7 +67,8 @@ def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
     from PIL import Image
 
     from generate import generate_from_config
-    from src.pipelines.text_to_webtoon_gan import TextToWebtoonGANPipeline
+    from src.callbacks.sample_grid import CaptionSampleGrid
+    from src.pipelines.loading import load_module
 
     out, _, _, objects = dcgan_run
     captions = ["../../etc/passwd 큰 빨간 원", "a large red circle"]
@@ -88,9 +89,8 @@ def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
     assert manifest["images"] == written and written["000_1.png"] == captions[0]
     assert manifest["settings"]["seed"] == 0 and manifest["settings"]["num_per_caption"] == 2
 
-    # The files hold exactly what the pipeline of the trained module draws.
-    pipeline = TextToWebtoonGANPipeline.from_checkpoint(checkpoint)
-    images = pipeline(captions, num_images_per_caption=2, seed=0)
+    # The files hold exactly what the sample-grid callback draws with the checkpoint's module, seed for seed.
+    images = CaptionSampleGrid(captions, num_per_caption=2, seed=0).render(load_module(checkpoint))
     saved = torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "generated" / "001_1.png")))
     expected = (images[1, 1] * 255).round().to(torch.uint8).permute(1, 2, 0)
     assert torch.equal(saved, expected)

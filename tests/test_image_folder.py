@@ -22,8 +22,8 @@ from src.data.image_folder import (
     read_captioned_images,
     subset_indices,
 )
-from src.data.prior_preservation import generate_class_images
 from src.data.shards import write_shards
+from src.pipelines.class_images import generate_class_images
 from src.utils.hub import MissingWeightsError
 
 
@@ -311,7 +311,7 @@ def test_config_builds_the_datamodule_with_a_partial_generator(tmp_path):
             f"data.image_dir={tmp_path / 'images'}",
             "data.num_workers=0",
             "data.prior_preservation={class_dir: " + str(tmp_path / "class") + ", class_prompt: a house, "
-            "num_class_images: 2, generator: {_target_: src.data.prior_preservation.generate_class_images, "
+            "num_class_images: 2, generator: {_target_: src.pipelines.class_images.generate_class_images, "
             "_partial_: true, pretrained_model_name_or_path: some/model}}",
         ],
         tmp_path / "run",

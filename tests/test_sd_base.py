@@ -200,6 +200,7 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
     from diffusers import StableDiffusionPipeline
 
     from src.modules.diffusion.components import load_components
+    from src.pipelines.loading import text_to_image_for
 
     model = tiny_model(tokenizer, vae_steps=0)
     images = next(batches(1))["image"]
@@ -224,7 +225,7 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
         generator=torch.Generator().manual_seed(0),
     ).images
     assert images.shape == (1, 3, 16, 16)
-    ours = model.generator(num_inference_steps=2, guidance_scale=3.0)(
+    ours = text_to_image_for(model, num_inference_steps=2, guidance_scale=3.0)(
         ["A large red circle in the middle of a white background."], 1, seed=0
     )
     assert torch.allclose(ours[0], images.float(), atol=1e-5)  # the same model, through our own inference

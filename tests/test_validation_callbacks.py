@@ -26,7 +26,7 @@ CELL = 32
 
 class TinyFineTune(L.LightningModule):
     """Trains one UNet bias (so images change with training) and keeps the frozen VAE in eval mode, as a
-    fine-tuning module does; ``pipeline()`` is built from its current components."""
+    fine-tuning module does; it exposes its current parts as ``diffusion_parts()``."""
 
     def __init__(self, sd_dir: Path) -> None:
         super().__init__()
@@ -51,19 +51,14 @@ class TinyFineTune(L.LightningModule):
     def train_dataloader(self):
         return DataLoader(torch.zeros(16, 1), batch_size=1)
 
-    def pipeline(self):
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def diffusion_parts(self):
+        return {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+            "scheduler": self.scheduler,
+        }
 
 
 def csv_metrics(trainer: L.Trainer, name: str) -> dict[int, float]:

@@ -163,21 +163,23 @@ class FineTuneBenchmark:
     # --- judging ------------------------------------------------------------------------------------------
 
     def judge_base(self) -> dict[str, Any]:
-        from src.pipelines.stable_diffusion import StableDiffusionGenerator
+        from src.pipelines.loading import load_text_to_image
 
-        generator = StableDiffusionGenerator.load(
-            self.base_model, "base", device=self.device, **self.sampling
+        text_to_image = load_text_to_image(
+            base_model=self.base_model,
+            device=self.device,
+            # The base model knows no placeholder: it is given the subject's name instead.
+            prompt_aliases={self.placeholder: self.subject_name},
+            **self.sampling,
         )
-        # The base model knows no placeholder: it is given the subject's name instead.
-        generator.prompt_aliases = {self.placeholder: self.subject_name}
-        return self._judge(generator, self.out_dir / "base", Cell(BASE, 0), {})
+        return self._judge(text_to_image, self.out_dir / "base", Cell(BASE, 0), {})
 
     def judge_cell(self, cell: Cell) -> dict[str, Any]:
-        from src.pipelines.stable_diffusion import StableDiffusionGenerator
+        from src.pipelines.loading import load_text_to_image
 
         run_dir = self.run_dir(cell)
-        generator = StableDiffusionGenerator.load(
-            self.base_model, weights=run_dir / "export", device=self.device, **self.sampling
+        text_to_image = load_text_to_image(
+            base_model=self.base_model, weights=run_dir / "export", device=self.device, **self.sampling
         )
         metrics = json.loads((run_dir / "metrics.json").read_text())
         training = {
@@ -185,17 +187,17 @@ class FineTuneBenchmark:
             "steps": metrics.get("train/steps"),
             "peak_memory_mb": metrics.get("train/peak_memory_mb"),
         }
-        return self._judge(generator, run_dir, cell, training)
+        return self._judge(text_to_image, run_dir, cell, training)
 
     @property
     def sampling(self) -> dict[str, Any]:
         return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale}
 
-    def _judge(self, generator, cell_dir: Path, cell: Cell, training: dict[str, Any]) -> dict[str, Any]:
+    def _judge(self, text_to_image, cell_dir: Path, cell: Cell, training: dict[str, Any]) -> dict[str, Any]:
         from src.utils.image_grid import to_pil
 
         judge, references = self.judge_model, self.subject_embeddings
-        images = generator(list(self.prompts.values()), self.num_images_per_prompt, self.seed)
+        images = text_to_image(list(self.prompts.values()), self.num_images_per_prompt, self.seed)
         prompts = {}
         image_dir = cell_dir / "images"
         image_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
-"""A fixed set of captions drawn by the model's pipeline after validation epochs: one grid row per caption.
+"""A fixed set of captions drawn by the model after validation epochs: one grid row per caption.
 
-Works with any LightningModule whose ``pipeline()`` returns a caption-to-image pipeline (see
-``src/pipelines``). Every row uses the same seeded noise, so column ``j`` differs between rows only by the
+Works with any LightningModule that draws (see ``src/pipelines/loading.py``: ``text_to_image_for``). Every row uses the same seeded noise, so column ``j`` differs between rows only by the
 caption: an English and a Korean caption of the same meaning should give similar rows (the thesis' qualitative
 check). The captions are printed beside their rows (Hangul included).
 """
@@ -10,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
+from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import captioned_grid, save_grid
+from src.utils.run import output_root
 
 __all__ = ["CaptionSampleGrid"]
 
@@ -44,9 +46,7 @@ class CaptionSampleGrid(Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        images = pl_module.pipeline()(
-            self.captions, num_images_per_caption=self.num_per_caption, seed=self.seed
-        )
+        images = self.render(pl_module)
         path = output_root(trainer) / self.filename.format(
             epoch=trainer.current_epoch, step=trainer.global_step
         )
@@ -55,10 +55,6 @@ class CaptionSampleGrid(Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(self.last_path)], step=trainer.global_step)
 
-
-def output_root(trainer: Trainer) -> Path:
-    """``trainer.log_dir``; with W&B first, ``save_dir/project/run_id`` like Lightning's checkpoints, so runs don't clash."""
-    logger = trainer.loggers[0] if trainer.loggers else None
-    if isinstance(logger, WandbLogger) and logger.save_dir:
-        return Path(logger.save_dir) / str(logger.name) / str(logger.version)
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    def render(self, pl_module: LightningModule) -> torch.Tensor:
+        """[captions, num_per_caption, 3, H, W] images in [0, 1], drawn by the module's current weights."""
+        return text_to_image_for(pl_module)(self.captions, self.num_per_caption, self.seed)

@@ -1,8 +1,8 @@
 """Validation prompts rendered while Stable Diffusion fine-tunes, as the diffusers training examples do with
 ``validation_prompt`` and ``validation_steps``, optionally judged by CLIP score.
 
-Works with any LightningModule whose ``pipeline()`` returns a diffusers ``StableDiffusionPipeline`` built from
-its current components; images are drawn by :class:`src.pipelines.stable_diffusion.StableDiffusionGenerator`.
+Works with any Stable Diffusion LightningModule (one exposing ``diffusion_parts()``); images are drawn through the
+project's loader (``src/pipelines/loading.py``: ``text_to_image_for``), on the module's current weights.
 Every render uses the same seeded noise, so the grids of successive steps differ only by what training changed,
 and column ``j`` of every row starts from the same latents.
 """
@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from torch import nn
 
-from src.callbacks.sample_grid import output_root
-from src.pipelines.stable_diffusion import StableDiffusionGenerator
+from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import captioned_grid, save_grid
+from src.utils.run import output_root
 
 __all__ = ["ValidationPromptGrid"]
 
@@ -106,24 +105,16 @@ class ValidationPromptGrid(Callback):
                 logger.log_image(key=f"{self.dirname}/samples", images=[str(path)], step=step)
 
     def render(self, pl_module: LightningModule) -> torch.Tensor:
-        """[prompts, num_images_per_prompt, 3, H, W] images in [0, 1] from ``pl_module.pipeline()``, in eval
-        mode without gradients; every module's train/eval mode is restored afterwards."""
-        pipeline = pl_module.pipeline()
-        pipeline.set_progress_bar_config(disable=True)
-        modules = [pl_module, *(c for c in pipeline.components.values() if isinstance(c, nn.Module))]
-        modes = {m: m.training for module in modules for m in module.modules()}
+        """[prompts, num_images_per_prompt, 3, H, W] images in [0, 1] from the module's current weights, in eval
+        mode without gradients; every submodule's train/eval mode is restored afterwards."""
+        modes = {module: module.training for module in pl_module.modules()}
         try:
-            for module in modules:
-                module.eval()
-            # The project's one Stable Diffusion generation path (src/pipelines), with the module's aliases
-            # (e.g. textual inversion's `*` for its new token).
-            generator = StableDiffusionGenerator(
-                pipeline,
-                getattr(pl_module, "prompt_aliases", {}),
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
+            pl_module.eval()
+            # with the module's prompt aliases (e.g. textual inversion's `*` for its new token)
+            text_to_image = text_to_image_for(
+                pl_module, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale
             )
-            images = generator(self.prompts, self.num_images_per_prompt, self.seed)
+            images = text_to_image(self.prompts, self.num_images_per_prompt, self.seed)
         finally:
             for module, training in modes.items():
                 module.train(training)

@@ -15,6 +15,7 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.demo.synthetic import COLOURS, colour_caption_set, dominant_colour
+from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import to_pil
 
 
@@ -45,12 +46,12 @@ class CaptionColourAgreement(L.Callback):
         ) / len(self.scenes)
 
     @torch.no_grad()
-    def measure(self, pipeline) -> dict[str, float]:
+    def measure(self, text_to_image) -> dict[str, float]:
         scores = {}
         diversities = []
         for language in ("en", "ko"):
             captions = [getattr(scene, "english" if language == "en" else "korean") for scene in self.scenes]
-            images = pipeline(captions, num_images_per_caption=self.num_per_caption, seed=self.seed)
+            images = text_to_image(captions, self.num_per_caption, self.seed)
             matches = [
                 dominant_colour(to_pil(image)) == scene.scene.colour
                 for scene, row in zip(self.scenes, images, strict=True)
@@ -81,5 +82,5 @@ class CaptionColourAgreement(L.Callback):
 
     def _log(self, pl_module: L.LightningModule, stage: str) -> None:
         self.stages.add(stage)
-        for name, value in self.measure(pl_module.pipeline()).items():
+        for name, value in self.measure(text_to_image_for(pl_module)).items():
             pl_module.log(f"{stage}/{name}", value, sync_dist=True)

@@ -15,7 +15,6 @@ from dataclasses import replace
 import lightning as L
 import torch
 
-from src.callbacks.sample_grid import output_root
 from src.demo.synthetic import (
     BACKGROUNDS,
     COLOURS,
@@ -27,7 +26,9 @@ from src.demo.synthetic import (
     render_scene,
     sample_scene,
 )
+from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import captioned_grid, save_grid, to_pil
+from src.utils.run import output_root
 
 __all__ = ["PromptFollowing"]
 
@@ -107,8 +108,8 @@ class PromptFollowing(L.Callback):
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        generator = pl_module.generator(**self.sampling)
-        images = generator(
+        text_to_image = text_to_image_for(pl_module, **self.sampling)
+        images = text_to_image(
             [caption for _, _, caption, _ in self.prompts], self.num_images_per_prompt, self.seed
         )
         for name, value in self.measure(images).items():

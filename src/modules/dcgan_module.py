@@ -20,6 +20,7 @@ from torch import Tensor
 from src.data.preprocess import Preprocess
 from src.modules.gan_losses import discriminator_loss, generator_loss, interpolate_text, mode_seeking_loss
 from src.modules.networks.dcgan import WebtoonDiscriminator, WebtoonGenerator
+from src.utils.checkpoint import record_module_class
 
 __all__ = ["TextToWebtoonGAN"]
 
@@ -69,7 +70,6 @@ class TextToWebtoonGAN(LightningModule):
             )
         self.optimizer_g = optimizer_g or THESIS_ADAM
         self.optimizer_d = optimizer_d or THESIS_ADAM
-        self._pipeline = None
         # Two optimizers stepped in a fixed order per batch: Lightning's automatic loop cannot express that.
         self.automatic_optimization = False
 
@@ -110,13 +110,8 @@ class TextToWebtoonGAN(LightningModule):
         finally:
             self.generator.train(was_training)
 
-    def pipeline(self):
-        """Captions -> images with this generator and the caption encoder it was trained with (built once)."""
-        if self._pipeline is None:
-            from src.pipelines.text_to_webtoon_gan import TextToWebtoonGANPipeline
-
-            self._pipeline = TextToWebtoonGANPipeline.for_module(self)
-        return self._pipeline
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record_module_class(self, checkpoint)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         real, right, wrong = batch["image"], batch["text_features"], batch["wrong_text_features"]

@@ -1,10 +1,9 @@
-"""Prompts -> images with Stable Diffusion and a fine-tuning method's output, through vanilla diffusers.
+"""Prompts -> images with Stable Diffusion, and a fine-tuning method's export applied the way its users apply it.
 
-Every method's export loads into an unmodified ``StableDiffusionPipeline`` the way its users load it:
-LoRA with ``load_lora_weights`` (diffusers or kohya file), Textual Inversion with ``load_textual_inversion``
-(diffusers or WebUI file), DreamBooth / full fine-tunes with ``from_pretrained`` of the exported directory, and
-hypernetworks (which diffusers lacks) with this project's WebUI-compatible loader. ``generate.py``, the
-fine-tuning validation grids and, later, the REST service generate through :class:`StableDiffusionGenerator`.
+LoRA loads with ``load_lora_weights`` (diffusers or kohya file), Textual Inversion with ``load_textual_inversion``
+(diffusers or WebUI file), DreamBooth / full fine-tunes are whole diffusers directories, and hypernetworks
+(which diffusers lacks) go through this project's WebUI-compatible attention processors. Any diffusers pipeline
+class with those loaders works (text-to-image, depth-to-image, ControlNet).
 """
 
 from __future__ import annotations
@@ -17,12 +16,21 @@ from typing import Any
 
 import torch
 
-from src.utils.hub import from_pretrained
+from src.pipelines.text_to_image import StepCallback, cpu_generators
 
-__all__ = ["METHODS", "StableDiffusionGenerator", "load_pipeline"]
+__all__ = [
+    "METHODS",
+    "WHOLE_MODEL_METHODS",
+    "StableDiffusionTextToImage",
+    "apply_finetune",
+    "read_export_record",
+    "step_callback",
+]
 
 METHODS = ("base", "lora", "textual_inversion", "dreambooth", "full", "hypernetwork")
+WHOLE_MODEL_METHODS = ("dreambooth", "full")  # their export is a whole diffusers directory
 LORA_ADAPTER = "finetuned"
+EXPORT_RECORD = "finetune.json"  # written beside every fine-tuning export (src/modules/diffusion/finetune.py)
 
 
 def read_export_record(weights: str | os.PathLike | None) -> dict[str, Any]:
@@ -30,68 +38,43 @@ def read_export_record(weights: str | os.PathLike | None) -> dict[str, Any]:
     if not weights:
         return {}
     path = Path(weights)
-    record = (path if path.is_dir() else path.parent) / "finetune.json"
+    record = (path if path.is_dir() else path.parent) / EXPORT_RECORD
     return json.loads(record.read_text()) if record.is_file() else {}
 
 
-def load_pipeline(
-    base_model: str | None = None,
-    method: str | None = None,
-    weights: str | os.PathLike | None = None,
-    multiplier: float = 1.0,
-    torch_dtype: torch.dtype | None = None,
-) -> tuple[Any, dict[str, str]]:
-    """A diffusers pipeline with ``method``'s output applied, and the prompt aliases it brings.
-
-    ``weights``: the method's export (a directory or a file). A run's export directory records its method, base
-    model and aliases (``finetune.json``), so ``weights`` alone is enough for it; files from elsewhere (a WebUI
-    embedding, a kohya LoRA) need ``method`` and ``base_model``. ``multiplier``: LoRA / hypernetwork strength.
-    The aliases map the paper's ``*`` to what the model learnt, so prompts read alike for all methods.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    record = read_export_record(weights)
-    method = method or record.get("method") or "base"
-    base_model = base_model or record.get("base_model")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method != "base" and not weights:
-        raise ValueError(f"method={method} needs weights=<its export: a directory or file>")
-    if method not in ("dreambooth", "full") and not base_model:
-        raise ValueError(f"method={method} needs base_model=<the hub id or directory it was trained on>")
-    options = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch_dtype}
-    if method in ("dreambooth", "full"):
-        pipeline = from_pretrained(
-            StableDiffusionPipeline.from_pretrained, str(weights), "weights", **options
-        )
-    else:
-        pipeline = from_pretrained(
-            StableDiffusionPipeline.from_pretrained, base_model, "base_model", **options
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    aliases: dict[str, str] = dict(record.get("prompt_aliases") or {})
+def apply_finetune(
+    diffusers_pipeline: Any, method: str, weights: str | os.PathLike, multiplier: float = 1.0
+) -> dict[str, str]:
+    """Load ``method``'s ``weights`` into ``diffusers_pipeline`` in place; returns the prompt aliases it brings
+    (textual inversion: ``*`` -> its token). ``multiplier``: LoRA / hypernetwork strength."""
+    aliases: dict[str, str] = {}
     if method == "lora":
-        pipeline.load_lora_weights(str(weights), adapter_name=LORA_ADAPTER)
-        pipeline.set_adapters([LORA_ADAPTER], adapter_weights=[float(multiplier)])
+        diffusers_pipeline.load_lora_weights(str(weights), adapter_name=LORA_ADAPTER)
+        diffusers_pipeline.set_adapters([LORA_ADAPTER], adapter_weights=[float(multiplier)])
     elif method == "textual_inversion":
-        token = _embedding_token(Path(weights))
-        pipeline.load_textual_inversion(str(weights), token=token)
+        token = embedding_token(Path(weights))
+        diffusers_pipeline.load_textual_inversion(str(weights), token=token)
         aliases["*"] = token
     elif method == "hypernetwork":
         from src.modules.networks.hypernetwork import apply_hypernetwork, load_hypernetwork
 
-        path = Path(weights)
-        if path.is_dir():
-            candidates = sorted(path.glob("*.pt"))
-            if len(candidates) != 1:
-                raise FileNotFoundError(f"weights={path} should hold exactly one hypernetwork .pt file")
-            path = candidates[0]
-        hypernetwork = load_hypernetwork(path).to(pipeline.device)
-        apply_hypernetwork(pipeline.unet, hypernetwork, multiplier=multiplier)
-    return pipeline, aliases
+        hypernetwork = load_hypernetwork(hypernetwork_file(Path(weights)))
+        apply_hypernetwork(diffusers_pipeline.unet, hypernetwork.to(diffusers_pipeline.device), multiplier)
+    elif method not in ("base", *WHOLE_MODEL_METHODS):
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return aliases
 
 
-def _embedding_token(weights: Path) -> str:
+def hypernetwork_file(weights: Path) -> Path:
+    if not weights.is_dir():
+        return weights
+    candidates = sorted(weights.glob("*.pt"))
+    if len(candidates) != 1:
+        raise FileNotFoundError(f"weights={weights} should hold exactly one hypernetwork .pt file")
+    return candidates[0]
+
+
+def embedding_token(weights: Path) -> str:
     """The word a textual-inversion file teaches: the key of diffusers' file, ``<name>`` for a WebUI file."""
     if weights.is_dir():
         weights = weights / "learned_embeds.safetensors"
@@ -105,40 +88,52 @@ def _embedding_token(weights: Path) -> str:
     return f"<{weights.stem}>"
 
 
-class StableDiffusionGenerator:
-    """``generator(prompts, num_images_per_prompt, seed)`` -> images [n, k, 3, H, W] in [0, 1].
+def step_callback(on_step: StepCallback | None):
+    """``on_step(done, total)`` as diffusers' ``callback_on_step_end``; ``None`` stays ``None``."""
+    if on_step is None:
+        return None
 
-    Image ``j`` of every prompt starts from the noise of ``seed + j``, so results differ between prompts (and
-    between methods) only by the prompt and the weights.
+    def callback(diffusers_pipeline, step: int, timestep, tensors: dict) -> dict:
+        on_step(step + 1, int(diffusers_pipeline.num_timesteps))
+        return tensors
+
+    return callback
+
+
+class StableDiffusionTextToImage:
+    """A diffusers text-to-image pipeline behind the project's contract (see :mod:`src.pipelines.text_to_image`).
+
+    ``prompt_aliases`` rewrite prompts before encoding (textual inversion's ``*`` -> its token), so prompts read
+    alike for all methods.
     """
 
     def __init__(
         self,
-        pipeline: Any,
+        diffusers_pipeline: Any,
         prompt_aliases: Mapping[str, str] | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
         negative_prompt: str | None = None,
+        source: Mapping[str, Any] | None = None,
     ) -> None:
-        self.pipeline = pipeline
+        """``source``: where the weights came from (base model, method, weights), for manifests."""
+        self.diffusers_pipeline = diffusers_pipeline
         self.prompt_aliases = dict(prompt_aliases or {})
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
+        self.source = dict(source or {})
 
-    @classmethod
-    def load(
-        cls,
-        base_model: str | None = None,
-        method: str | None = None,
-        weights: str | os.PathLike | None = None,
-        multiplier: float = 1.0,
-        device: str = "cpu",
-        **settings: Any,
-    ) -> StableDiffusionGenerator:
-        dtype = torch.float16 if str(device).startswith("cuda") else None
-        pipeline, aliases = load_pipeline(base_model, method, weights, multiplier, torch_dtype=dtype)
-        return cls(pipeline.to(device), aliases, **settings)
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "model": "stable_diffusion",
+            **self.source,
+            "prompt_aliases": self.prompt_aliases,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+        }
 
     def prompt(self, text: str) -> str:
         for alias, token in self.prompt_aliases.items():
@@ -146,22 +141,33 @@ class StableDiffusionGenerator:
         return text
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], num_images_per_prompt: int = 1, seed: int = 0) -> torch.Tensor:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        if not prompts:
+            raise ValueError("Give at least one prompt.")
         rows = []
-        for prompt in prompts:
-            # CPU generators: the same noise on every device.
-            generators = [
-                torch.Generator(device="cpu").manual_seed(seed + j) for j in range(num_images_per_prompt)
-            ]
-            images = self.pipeline(
-                [self.prompt(prompt)] * num_images_per_prompt,
-                negative_prompt=[self.negative_prompt] * num_images_per_prompt
-                if self.negative_prompt
-                else None,
+        for index, prompt in enumerate(prompts):
+            count = num_images_per_prompt
+            images = self.diffusers_pipeline(
+                [self.prompt(prompt)] * count,
+                negative_prompt=[self.negative_prompt] * count if self.negative_prompt else None,
                 num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale,
-                generator=generators,
+                generator=cpu_generators(seed, count),
                 output_type="pt",
+                callback_on_step_end=step_callback(_part_of(on_step, index, len(prompts))),
             ).images
             rows.append(images.float().cpu().clamp(0, 1))
         return torch.stack(rows)
+
+
+def _part_of(on_step: StepCallback | None, part: int, parts: int) -> StepCallback | None:
+    """Progress of part ``part`` of ``parts`` equal runs, reported as progress of the whole."""
+    if on_step is None:
+        return None
+    return lambda done, steps: on_step(part * steps + done, parts * steps)

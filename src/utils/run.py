@@ -218,3 +218,13 @@ def finish_run(
             getattr(model, method)(cfg[setting])
             log.info("%s: exported to %s", setting, cfg[setting])
     return metrics
+
+
+def output_root(trainer: Any) -> Path:
+    """``trainer.log_dir``; with W&B first, ``save_dir/project/run_id`` like Lightning's checkpoints, so runs don't clash."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, WandbLogger) and logger.save_dir:
+        return Path(logger.save_dir) / str(logger.name) / str(logger.version)
+    return Path(trainer.log_dir or trainer.default_root_dir)

@@ -9,12 +9,14 @@ for inference so that validation images look like the base model's.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from src.utils.hub import from_pretrained
 
-__all__ = ["StableDiffusionComponents", "load_components"]
+__all__ = ["StableDiffusionComponents", "load_components", "save_pipeline_directory"]
 
 SETTING = "model.pretrained_model_name_or_path"
 
@@ -64,3 +66,14 @@ def load_components(
             name_or_path, subfolder="scheduler", **options
         ),
     )
+
+
+def save_pipeline_directory(parts: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``parts`` (vae, text_encoder, tokenizer, unet, scheduler) as the directory that
+    ``StableDiffusionPipeline.from_pretrained`` loads: the export format of whole models."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

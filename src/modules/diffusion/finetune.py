@@ -29,6 +29,7 @@ from torch import Tensor
 
 from src.modules.diffusion.components import load_components
 from src.modules.diffusion.objective import denoising_target, per_example_loss
+from src.utils.checkpoint import record_module_class
 
 __all__ = ["StableDiffusionFineTune"]
 
@@ -44,7 +45,7 @@ HALF_PRECISION = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16
 class StableDiffusionFineTune(LightningModule, abc.ABC):
     """Latent-diffusion training of the parts a method chooses; subclasses add and export those parts."""
 
-    method: str  # the name load_pipeline knows the export by
+    method: str  # the name the loader knows the export by (finetune.json)
 
     def __init__(
         self,
@@ -107,8 +108,8 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
         """Write the files the ecosystem loads (diffusers, WebUI, ComfyUI)."""
 
     def export(self, out_dir: str | Path) -> Path:
-        """The method's files plus ``finetune.json`` (method, base model, prompt aliases), from which
-        :func:`src.pipelines.stable_diffusion.load_pipeline` rebuilds this model's inference."""
+        """The method's files plus ``finetune.json`` (method, base model, prompt aliases), from which the
+        project's loader (``src/pipelines/loading.py``) rebuilds this model's inference."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.export_weights(out_dir)
@@ -123,7 +124,7 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
 
     @property
     def prompt_aliases(self) -> dict[str, str]:
-        """Words of prompts that :meth:`pipeline` reads as others (textual inversion: ``*`` -> its token)."""
+        """Words of prompts that inference reads as others (textual inversion: ``*`` -> its token)."""
         return dict(self.hparams.prompt_aliases or {})
 
     def training_prompt(self, caption: str) -> str:
@@ -278,6 +279,7 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record_module_class(self, checkpoint)
         trained = self.trained_parameter_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
@@ -291,25 +293,12 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
 
     # --- inference --------------------------------------------------------------------------------------
 
-    def generator(self, **settings: Any) -> Any:
-        """This module's own inference: :class:`StableDiffusionGenerator` on :meth:`pipeline`."""
-        from src.pipelines.stable_diffusion import StableDiffusionGenerator
-
-        return StableDiffusionGenerator(self.pipeline(), self.prompt_aliases, **settings)
-
-    def pipeline(self) -> Any:
-        """A diffusers ``StableDiffusionPipeline`` on the current (trained) parts, sharing their weights."""
-        from diffusers import StableDiffusionPipeline
-
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.components.inference_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+    def diffusion_parts(self) -> dict[str, Any]:
+        """The current (trained) parts and the base model's own sampler: what a diffusers pipeline is made of."""
+        return {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+            "scheduler": self.components.inference_scheduler,
+        }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from src.modules.diffusion.components import save_pipeline_directory
 from src.modules.diffusion.finetune import StableDiffusionFineTune
 
 __all__ = ["FullFineTune"]
@@ -26,5 +27,4 @@ class FullFineTune(StableDiffusionFineTune):
             self.text_encoder.requires_grad_(True)
 
     def export_weights(self, out_dir: Path) -> None:
-        pipeline = self.pipeline()
-        pipeline.save_pretrained(out_dir, safe_serialization=True)
+        save_pipeline_directory(self.diffusion_parts(), out_dir)

@@ -26,6 +26,7 @@ from lightning import LightningModule
 from torch import Tensor
 
 from src.data.preprocess import Preprocess
+from src.modules.diffusion.components import save_pipeline_directory
 from src.modules.diffusion.objective import denoising_target, per_example_loss
 
 __all__ = ["LatentDiffusionFromScratch", "collapse_posterior"]
@@ -227,41 +228,29 @@ class LatentDiffusionFromScratch(LightningModule):
 
     # --- inference and export -----------------------------------------------------------------------------
 
-    def pipeline(self) -> Any:
-        """A ``StableDiffusionPipeline`` on the current parts (sharing their weights), DDIM for sampling."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    def diffusion_parts(self) -> dict[str, Any]:
+        """The current parts with DDIM for sampling (Stable Diffusion's settings, so the saved scheduler config is
+        one diffusers accepts as it is); the VAE's config carries the measured latent scale."""
+        from diffusers import DDIMScheduler
 
         if float(self.latent_scale) == 0.0:
             raise RuntimeError("The model has no latent scale yet: it draws only once stage 2 has started.")
         self.vae.register_to_config(scaling_factor=float(self.latent_scale))
-        pipeline = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            # Stable Diffusion's DDIM settings, so that the saved scheduler config is one diffusers accepts as is
-            scheduler=DDIMScheduler.from_config(
-                self.noise_scheduler.config, set_alpha_to_one=False, steps_offset=1
-            ),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        scheduler = DDIMScheduler.from_config(
+            self.noise_scheduler.config, set_alpha_to_one=False, steps_offset=1
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def generator(self, **settings: Any) -> Any:
-        """This model's inference through the project's one generation path."""
-        from src.pipelines.stable_diffusion import StableDiffusionGenerator
-
-        return StableDiffusionGenerator(self.pipeline(), **settings)
+        return {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+            "scheduler": scheduler,
+        }
 
     def export(self, out_dir: str | Path) -> Path:
         """A Stable Diffusion directory: ``StableDiffusionPipeline.from_pretrained(out_dir)`` loads it, and
         ``model.pretrained_model_name_or_path=out_dir`` fine-tunes it."""
-        out_dir = Path(out_dir)
-        self.pipeline().save_pretrained(out_dir)
-        return out_dir
+        return save_pipeline_directory(self.diffusion_parts(), out_dir)
 
 
 def collapse_posterior(vae: Any) -> None:

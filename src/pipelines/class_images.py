@@ -2,9 +2,10 @@
 
 Prior preservation trains on the user's few instance images together with images the unmodified model makes
 for the bare class prompt ("a photo of a house"), so the fine-tuned model keeps what the class looks like.
-This is the generator the image-folder datamodule calls (a Hydra ``_partial_``) for the images its
-``class_dir`` is missing; the files are numbered, never named after the prompt, and captioned in
-diffusers' ``metadata.jsonl`` so the folder reads like any other.
+This is what the image-folder datamodule calls (a Hydra ``_partial_``, so the data layer never imports a
+pipeline) for the images its ``class_dir`` is missing; the base model is loaded through the project's loader,
+the files are numbered, never named after the prompt, and captioned in diffusers' ``metadata.jsonl`` so the
+folder reads like any other.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import torch
 from tqdm.auto import tqdm
 
 from src.data.image_folder import METADATA_FILE
-from src.utils.hub import from_pretrained
+from src.pipelines.loading import load_text_to_image
+from src.utils.hub import MissingWeightsError, missing_weights
+from src.utils.image_grid import to_pil
 
 log = logging.getLogger(__name__)
 
 MODEL_SETTING = "model.pretrained_model_name_or_path"
+
 _CLASS_FILE = re.compile(r"class_(\d+)\.png")
 
 
@@ -36,48 +40,35 @@ def generate_class_images(
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     seed: int = 0,
-    device: str | None = None,
+    device: str = "auto",
 ) -> list[Path]:
     """Write ``num_images`` images of ``prompt`` as ``out_dir/class_{i:05d}.png`` after those already there.
 
-    Each batch is seeded by ``seed`` plus the number of its first file, so a rerun that continues a folder
-    makes new images rather than repeating the first ones. Returns the written paths.
+    File ``i`` is drawn from the noise of ``seed + i``, so a rerun that continues a folder makes new images
+    rather than repeating the first ones. Returns the written paths.
     """
-    from diffusers import StableDiffusionPipeline
-
     if num_images <= 0:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # fp16 halves memory and time on GPUs; CPUs lack fast half-precision kernels
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipeline = from_pretrained(
-        StableDiffusionPipeline.from_pretrained,
-        str(pretrained_model_name_or_path),
-        MODEL_SETTING,
-        safety_checker=None,
-        requires_safety_checker=False,
-        dtype=dtype,
-    ).to(device)
-    pipeline.set_progress_bar_config(disable=True)
+    try:
+        text_to_image = load_text_to_image(
+            base_model=str(pretrained_model_name_or_path),
+            device=device,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+    except MissingWeightsError as error:  # named by the training config's setting, which the user sets
+        raise missing_weights(pretrained_model_name_or_path, MODEL_SETTING, error.__cause__) from None
     first = next_class_index(out_dir)
     written: list[Path] = []
     with tqdm(total=num_images, desc="class images", unit="img") as bar:
         for start in range(first, first + num_images, sample_batch_size):
             count = min(sample_batch_size, first + num_images - start)
-            # a CPU generator gives the same images on every device
-            generator = torch.Generator("cpu").manual_seed(seed + start)
-            images = pipeline(
-                prompt,
-                num_images_per_prompt=count,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-            ).images
+            images = text_to_image([prompt], count, seed=seed + start)[0]
             paths = [out_dir / f"class_{start + i:05d}.png" for i in range(count)]
             for image, path in zip(images, paths, strict=True):
-                image.save(path)
+                to_pil(image).save(path)
             # after every batch, so an interrupted run leaves a folder whose captions match its files
             with (out_dir / METADATA_FILE).open("a", encoding="utf-8") as metadata:
                 for path in paths:
@@ -86,7 +77,7 @@ def generate_class_images(
                     )
             written += paths
             bar.update(count)
-    del pipeline
+    del text_to_image
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the training that follows needs the memory
     log.info("Wrote %d class images of %r to %s", len(written), prompt, out_dir)

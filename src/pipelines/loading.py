@@ -1,0 +1,195 @@
+"""The one way to get a text-to-image model or a diffusers pipeline: from a module, a checkpoint or an export.
+
+- :func:`text_to_image_for` — a LightningModule in memory (callbacks while training, tests), sharing its weights.
+- :func:`load_text_to_image` — a checkpoint of ``train.py`` (``ckpt_path``), a fine-tuning export directory or a
+  method's file from elsewhere (``weights``, with ``method`` and ``base_model`` when no ``finetune.json`` names
+  them), or a Stable Diffusion model alone (``base_model``: hub id or local directory).
+- :func:`load_stable_diffusion` — the diffusers pipeline itself, of any class (text-to-image, depth-to-image,
+  ControlNet), with a method's export applied: what panels, img2img and DreamBooth's class images build on.
+
+The argument names are the settings of ``generate.py`` and the service, so an error names the setting to fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.pipelines.stable_diffusion import (
+    METHODS,
+    WHOLE_MODEL_METHODS,
+    StableDiffusionTextToImage,
+    apply_finetune,
+    read_export_record,
+)
+from src.pipelines.text_to_image import TextToImage
+from src.utils.device import half_precision_dtype, resolve_device
+from src.utils.hub import from_pretrained
+
+__all__ = [
+    "diffusers_pipeline_for",
+    "load_module",
+    "load_stable_diffusion",
+    "load_text_to_image",
+    "text_to_image_for",
+]
+
+# A GAN's caption encoder is loaded once per module, not at every validation that draws with it.
+_GAN_TEXT_TO_IMAGE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# --- from a module in memory --------------------------------------------------------------------------------
+
+
+def text_to_image_for(module: Any, **sampling: Any) -> TextToImage:
+    """The module's own drawing, sharing its current weights: a text-to-webtoon GAN, or any Stable Diffusion
+    module exposing ``diffusion_parts()`` (``sampling``: steps, guidance, negative prompt)."""
+    from src.modules.dcgan_module import TextToWebtoonGAN
+
+    if isinstance(module, TextToWebtoonGAN):
+        from src.pipelines.gan import GANTextToImage
+
+        if module not in _GAN_TEXT_TO_IMAGE:
+            _GAN_TEXT_TO_IMAGE[module] = GANTextToImage.for_module(module)
+        return _GAN_TEXT_TO_IMAGE[module]
+    if hasattr(module, "diffusion_parts"):
+        return StableDiffusionTextToImage(
+            diffusers_pipeline_for(module),
+            getattr(module, "prompt_aliases", {}),
+            source={"module": type(module).__name__},
+            **sampling,
+        )
+    raise TypeError(
+        f"{type(module).__name__} does not draw images: it is neither a GAN nor a diffusion model."
+    )
+
+
+def diffusers_pipeline_for(module: Any, pipeline_class: type | None = None) -> Any:
+    """A diffusers pipeline (``StableDiffusionPipeline`` by default) on the module's current parts."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    optional = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    diffusers_pipeline = pipeline_class(**module.diffusion_parts(), **accepted(pipeline_class, optional))
+    diffusers_pipeline.set_progress_bar_config(disable=True)
+    return diffusers_pipeline
+
+
+def accepted(pipeline_class: type, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``options`` that ``pipeline_class`` takes (pipelines without a safety checker take none of its)."""
+    parameters = inspect.signature(pipeline_class.__init__).parameters
+    return {name: value for name, value in options.items() if name in parameters}
+
+
+# --- from files -----------------------------------------------------------------------------------------------
+
+
+def load_module(ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
+    """The LightningModule a checkpoint of ``train.py`` rebuilds (its class is recorded in the checkpoint;
+    checkpoints from before that record are the GAN's, the only drawing module they could hold)."""
+    from hydra.utils import get_class
+
+    from src.utils.checkpoint import MODULE_CLASS_KEY
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file: point it at a checkpoint of train.py.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    module_class = get_class(checkpoint.get(MODULE_CLASS_KEY, "src.modules.dcgan_module.TextToWebtoonGAN"))
+    module = module_class.load_from_checkpoint(path, map_location=device, weights_only=True)
+    return module.eval()
+
+
+def load_stable_diffusion(
+    base_model: str | None = None,
+    method: str | None = None,
+    weights: str | os.PathLike | None = None,
+    multiplier: float = 1.0,
+    device: str | torch.device = "auto",
+    pipeline_class: type | None = None,
+    **components: Any,
+) -> tuple[Any, dict[str, str], dict[str, Any]]:
+    """A diffusers pipeline with ``method``'s export applied, the prompt aliases it brings, and a record of
+    where it came from (for manifests).
+
+    A run's export directory records its method, base model and aliases (``finetune.json``), so ``weights``
+    alone is enough for it; files from elsewhere (a WebUI embedding, a kohya LoRA) need ``method`` and
+    ``base_model``. ``components`` replace or add parts (e.g. ``controlnet=...``, ``depth_estimator=...``).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    device = resolve_device(device)
+    if weights is not None and not Path(weights).exists():
+        raise FileNotFoundError(f"weights={weights} does not exist: point it at a run's export/ directory.")
+    record = read_export_record(weights)
+    method = method or record.get("method") or ("base" if not weights else None)
+    base_model = str(base_model) if base_model else record.get("base_model")
+    if method is None:
+        raise ValueError(f"weights={weights} has no finetune.json: say which method wrote it (method=...).")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "base" and not weights:
+        raise ValueError(f"method={method} needs weights=<its export: a directory or file>")
+    whole_model = method in WHOLE_MODEL_METHODS
+    if not whole_model and not base_model:
+        raise ValueError(f"method={method} needs base_model=<the hub id or directory it was trained on>")
+    source, setting = (str(weights), "weights") if whole_model else (base_model, "base_model")
+    no_safety_checker = accepted(pipeline_class, {"safety_checker": None, "requires_safety_checker": False})
+    diffusers_pipeline = from_pretrained(
+        pipeline_class.from_pretrained,
+        source,
+        setting,
+        torch_dtype=half_precision_dtype(device),
+        **no_safety_checker,
+        **components,
+    )
+    diffusers_pipeline.set_progress_bar_config(disable=True)
+    diffusers_pipeline.to(device)
+    aliases = dict(record.get("prompt_aliases") or {})
+    aliases.update(apply_finetune(diffusers_pipeline, method, weights or "", multiplier))
+    origin = {
+        "base_model": base_model,
+        "method": method,
+        "weights": str(weights) if weights else None,
+        "multiplier": multiplier,
+    }
+    return diffusers_pipeline, aliases, origin
+
+
+def load_text_to_image(
+    ckpt_path: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    base_model: str | None = None,
+    method: str | None = None,
+    multiplier: float = 1.0,
+    device: str | torch.device = "auto",
+    prompt_aliases: Mapping[str, str] | None = None,
+    **sampling: Any,
+) -> TextToImage:
+    """A text-to-image model from a checkpoint (``ckpt_path``) or from Stable Diffusion files (``weights`` and /
+    or ``base_model``, see :func:`load_stable_diffusion`); ``prompt_aliases`` add to the export's own;
+    ``sampling``: ``num_inference_steps``, ``guidance_scale``, ``negative_prompt`` (diffusion only)."""
+    device = resolve_device(device)
+    if ckpt_path:
+        module = load_module(ckpt_path, device)
+        text_to_image = text_to_image_for(module, **sampling)
+        text_to_image.source = {"ckpt_path": str(ckpt_path), **getattr(text_to_image, "source", {})}
+        return text_to_image
+    if not (weights or base_model):
+        raise ValueError(
+            "Say what draws: ckpt_path=<a checkpoint of train.py>, or weights=<a fine-tuning export> "
+            "and/or base_model=<a Stable Diffusion hub id or directory>."
+        )
+    diffusers_pipeline, aliases, origin = load_stable_diffusion(
+        base_model, method, weights, multiplier, device
+    )
+    return StableDiffusionTextToImage(
+        diffusers_pipeline, {**aliases, **(prompt_aliases or {})}, source=origin, **sampling
+    )
