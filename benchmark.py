@@ -1,8 +1,8 @@
 """Benchmark Stable Diffusion fine-tuning methods as paper 000 does: method x number of images x prompt.
 
-python benchmark.py experiment=finetune_benchmark_demo                                  # offline, own base model
-python benchmark.py experiment=finetune_benchmark_hanok data.image_dir=/data/hanok      # SD 1.5, the paper's setting
-python benchmark.py experiment=finetune_benchmark_hanok data.image_dir=/data/hanok launcher=submitit_slurm
+python benchmark.py benchmark=finetune_demo                                  # offline, own base model
+python benchmark.py benchmark=finetune_hanok data.image_dir=/data/hanok      # SD 1.5, the paper's setting
+python benchmark.py benchmark=finetune_hanok data.image_dir=/data/hanok launcher=submitit_slurm
 
 Cells train through Hydra multiruns of train.py (``launcher`` picks a Hydra launcher plugin for clusters); a
 stopped benchmark rerun with the same command does only the cells not yet done. Writes ``out_dir``:
@@ -18,28 +18,28 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.cli import one_line_errors
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
 
 
 def benchmark(cfg: DictConfig) -> Path:
     """Make what the benchmark needs (``builders``), train and judge the cells not yet done, write the report."""
-    import torch
     from hydra.utils import instantiate, to_absolute_path
 
     from src.benchmark.finetune import BASE, FineTuneBenchmark, write_report
+    from src.utils.device import resolve_device
 
     if cfg.get("name") is None:
         raise ValueError(
-            "Choose a benchmark: experiment=finetune_benchmark_demo or experiment=finetune_benchmark_hanok."
+            "Choose a benchmark: benchmark=finetune_demo or benchmark=finetune_hanok (configs/benchmark/)."
         )
     for name, builder in (cfg.get("builders") or {}).items():
         log.info("Preparing %s", name)
         instantiate(builder)()
     evaluation = cfg.evaluation
-    device = (
-        evaluation.device if evaluation.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = str(resolve_device(evaluation.device))
     base_model = str(cfg.model.pretrained_model_name_or_path)
     if Path(to_absolute_path(base_model)).exists():
         base_model = to_absolute_path(base_model)
@@ -84,6 +84,7 @@ def benchmark(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="benchmark")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     benchmark(cfg)
 

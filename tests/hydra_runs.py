@@ -12,21 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # benchmark.py's grids of fine-tuning runs (tests/test_benchmark.py)
-BENCHMARK_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_benchmark_"))
+BENCHMARKS = tuple(sorted(p.stem for p in (CONFIGS / "benchmark").glob("*.yaml")))
 # Stable Diffusion fine-tuning runs on images folders and a base model (tests/test_finetune_experiments.py)
-FINETUNE_EXPERIMENTS = tuple(
-    e
-    for e in ALL_EXPERIMENTS
-    if (e.startswith("finetune_") or e == "style_lora") and e not in BENCHMARK_EXPERIMENTS
-)
+FINETUNE_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_") or e == "style_lora")
 # text-to-image models trained from scratch (tests/test_sd_base.py)
 DIFFUSION_EXPERIMENTS = ("sd_demo_base",)
 # CLIP and DCGAN runs on the bilingual shards (tests/test_experiments.py)
-EXPERIMENTS = tuple(
-    e
-    for e in ALL_EXPERIMENTS
-    if e not in (*FINETUNE_EXPERIMENTS, *BENCHMARK_EXPERIMENTS, *DIFFUSION_EXPERIMENTS)
-)
+EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e not in (*FINETUNE_EXPERIMENTS, *DIFFUSION_EXPERIMENTS))
 THESIS_EXPERIMENTS = ("clip_webtoon", "dcgan_webtoon")
 
 

@@ -1,4 +1,4 @@
-"""benchmark.py as users run it, in miniature: both benchmark experiments, the report's files and layout, resume.
+"""benchmark.py as users run it, in miniature: both benchmarks, the report's files and layout, resume.
 
 The cells train through real ``train.py`` multiruns (subprocesses) on a tiny local Stable Diffusion; the judge
 is a tiny CLIP saved with ``save_pretrained``. Only sizes and step counts shrink.
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra_runs import BENCHMARK_EXPERIMENTS, compose_config, compose_plain
+from hydra_runs import BENCHMARKS, compose_plain
 from test_clip_score import write_tiny_clip
 from tiny_sd import build_tiny_stable_diffusion, write_image_folder
 
@@ -43,18 +43,18 @@ def judge(tmp_path_factory) -> Path:
 
 
 def miniature(
-    experiment: str,
+    name: str,
     tiny_sd: Path,
     judge: Path,
     tmp_path: Path,
     *extra: str,
     dropped: tuple[str, ...] = ("dreambooth", "hypernetwork"),
 ):
-    """The experiment's config with 1 size x 1 prompt of the methods not ``dropped``, everything heavy swapped
+    """The benchmark's config with 1 size x 1 prompt of the methods not ``dropped``, everything heavy swapped
     for tiny copies."""
     data_dir = tmp_path / "data"
     overrides = [
-        f"experiment={experiment}",
+        f"benchmark={name}",
         f"paths.data_dir={data_dir}",
         f"paths.log_dir={tmp_path / 'logs'}",
         f"model.pretrained_model_name_or_path={tiny_sd}",
@@ -80,7 +80,7 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
 
     # The hypernetwork too: its demo settings (relu activation) differ from its experiment's.
     cfg = miniature(
-        "finetune_benchmark_demo",
+        "finetune_demo",
         tiny_sd,
         judge,
         tmp_path,
@@ -158,7 +158,7 @@ def test_hanok_benchmark_tables_the_papers_scores_beside_ours(tiny_sd, judge, tm
 
     image_dir = write_image_folder(tmp_path / "hanok", num_images=4)
     cfg = miniature(
-        "finetune_benchmark_hanok",
+        "finetune_hanok",
         tiny_sd,
         judge,
         tmp_path,
@@ -239,10 +239,9 @@ def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods(
     assert lines[paper_start + 4] == "| 5 | 0.240 | 0.300 |  |  |"
 
 
-@pytest.mark.parametrize("experiment", BENCHMARK_EXPERIMENTS)
-def test_a_benchmark_experiment_given_to_train_py_says_to_use_benchmark_py(experiment, tmp_path):
-    from train import train
+def test_benchmarks_are_their_own_config_group_and_no_training_experiment():
+    from hydra.errors import ConfigCompositionException
 
-    cfg = compose_config("train.yaml", [f"experiment={experiment}"], tmp_path)
-    with pytest.raises(ValueError, match="benchmark.py"):
-        train(cfg)
+    assert set(BENCHMARKS) == {"finetune_demo", "finetune_hanok"}
+    with pytest.raises(ConfigCompositionException, match="finetune_demo"):
+        compose_plain("train.yaml", ["experiment=finetune_demo"])
