@@ -13,6 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from src.utils.cli import one_line_errors
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate.yaml")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

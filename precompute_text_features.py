@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.cli import one_line_errors
+
 
 def precompute(cfg: DictConfig) -> dict:
     """Instantiate the encoder and rewrite the shards with ``txtfeat.npy`` into ``out_dir``; returns the stats."""
@@ -21,6 +23,7 @@ def precompute(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="precompute_text_features")
+@one_line_errors
 def main(cfg: DictConfig) -> dict:
     """Command-line entry point: ``python precompute_text_features.py shards=... out_dir=...``."""
     return precompute(cfg)

@@ -33,6 +33,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from src.utils.cli import one_line_errors
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "coco", "captions", "shards", "stories")
@@ -45,6 +47,7 @@ def _path(value: str | None) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prepare_data")
+@one_line_errors
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Build the shards (or cartoonized shards, or stories) of ``cfg.source`` into ``cfg.out_dir``, or caption
     ``cfg.images_dir``; print the counts."""

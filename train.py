@@ -14,6 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from src.utils.cli import one_line_errors
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         start_run,
     )
 
-    if cfg.get("benchmark"):
-        raise ValueError(
-            f"experiment={cfg.get('name') and 'finetune_benchmark_' + cfg.name} is a benchmark: run it with "
-            "`python benchmark.py experiment=...`, which trains its cells through train.py."
-        )
     output_dir = start_run(cfg)
 
     datamodule = instantiate(cfg.data)
@@ -73,6 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train.yaml")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")

@@ -75,3 +75,23 @@ def tiny_towers(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
     )
     vit.save_pretrained(out / "vit")
     return {"bert": out / "bert", "vit": out / "vit"}
+
+
+@pytest.fixture
+def user_error(capsys):
+    """``with user_error("needs model="):`` — an entry point's ``main`` stops with status 1 and one line on
+    stderr that matches, as a user's mistake should end (src/utils/cli.py)."""
+    import contextlib
+    import re
+
+    @contextlib.contextmanager
+    def expect(pattern: str):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            yield
+        assert stopped.value.code == 1
+        stderr = capsys.readouterr().err
+        lines = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+        assert len(lines) == 1 and re.search(pattern, lines[0]), stderr
+
+    return expect

@@ -163,11 +163,11 @@ def test_prepare_data_captions_every_good_image_once(images_dir, tiny_blip):
     assert counts["without_replacement"] == sum("*" not in caption for caption in rewritten.values())
 
 
-def test_missing_captioner_gives_one_clear_error(images_dir, tmp_path):
+def test_missing_captioner_gives_one_clear_error(images_dir, tmp_path, user_error):
     with pytest.raises(MissingWeightsError, match="Cannot load weights for `captioner`") as error:
         caption_images(images_dir, captioner=str(tmp_path / "no_blip"))
     assert "no_blip" in str(error.value)
-    with pytest.raises(ValueError, match="needs images_dir"):
+    with user_error("needs images_dir"):
         run_prepare_data([])
 
 

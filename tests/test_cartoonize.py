@@ -423,8 +423,8 @@ def test_a_run_that_yields_no_image_stops_with_a_clear_message(weights_dir, tmp_
         cartoonize_shards(str(bad / "*.tar"), tmp_path / "out", ["hayao"], weights_dir, num_workers=0)
 
 
-def test_missing_weights_fail_before_any_shard_is_read(source_shards, tmp_path):
-    with pytest.raises(MissingWeightsError, match="Hayao_net_G_float.pth"):
+def test_missing_weights_fail_before_any_shard_is_read(source_shards, tmp_path, user_error):
+    with user_error("Hayao_net_G_float.pth"):
         # cartoonize.styles=hayao, a single name, means [hayao]
         prepare_data(
             shards_command(

@@ -241,8 +241,8 @@ def test_prepare_data_default_out_dirs_match_the_data_configs():
     )  # configs/data/coco_webtoon.yaml reads /photo
 
 
-def test_prepare_data_rejects_unknown_source(tmp_path):
-    with pytest.raises(ValueError, match="source must be"):
+def test_prepare_data_rejects_unknown_source(tmp_path, user_error):
+    with user_error("source must be"):
         load_prepare_data().main(compose(["source=imagenet", f"out_dir={tmp_path}"]))
 
 

@@ -189,10 +189,10 @@ def test_model_on_the_command_line_means_the_stories_model():
     ]
 
 
-def test_a_missing_model_names_the_setting(caption_shards, tmp_path):
+def test_a_missing_model_names_the_setting(caption_shards, tmp_path, user_error):
     with pytest.raises(MissingWeightsError, match="Cannot load weights for `model`"):
         generate_stories(str(caption_shards / "*.tar"), tmp_path, str(tmp_path / "no_lm"), num_captions=2)
-    with pytest.raises(ValueError, match="needs model="):
+    with user_error("needs model="):
         prepare_data(["source=stories", f"shards={caption_shards}/*.tar", f"out_dir={tmp_path}"])
 
 
