@@ -102,7 +102,10 @@ def test_textual_inversion_captions_reach_the_tokenizer_as_the_new_token(tiny_sd
 
     module = quiet(
         TextualInversion(
-            pretrained_model_name_or_path=str(tiny_sd), placeholder_token="<hanok>", num_vectors=2
+            pretrained_model_name_or_path=str(tiny_sd),
+            placeholder_token="<hanok>",
+            initializer_token="house",
+            num_vectors=2,
         )
     )
     ids = module.tokenizer(module.training_prompt("a photo of * in the fire")).input_ids
@@ -126,26 +129,75 @@ def test_textual_inversion_captions_reach_the_tokenizer_as_the_new_token(tiny_sd
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["placeholder_embeddings"]
 
 
-def test_textual_inversion_names_captions_that_lost_the_placeholder(tiny_sd):
+def textual_inversion(tiny_sd, **settings):
     from src.modules.diffusion.textual_inversion import TextualInversion
 
-    module = quiet(TextualInversion(pretrained_model_name_or_path=str(tiny_sd)))
-    truncated = "a photo of the red house in the fire, " * 4 + "*"  # 41 tokens: `*` is cut
-    for captions in (["a photo of a house"] * 2, [truncated] * 2):
-        with pytest.raises(ValueError, match="placeholder once tokenized") as error:
-            module.training_step({**batch(), "captions": captions}, 0)
-        assert "32 tokens" in str(error.value)
-    module.training_step(batch(), 0).backward()  # a caption with `*` still trains
-    assert module.placeholder_embeddings.grad.abs().sum() > 0
+    return TextualInversion(
+        pretrained_model_name_or_path=str(tiny_sd),
+        placeholder_token="<hanok>",
+        initializer_token="house",
+        **settings,
+    )
+
+
+def folder_with_captions(folder: Path, captions: list[str]) -> Path:
+    """A kohya folder: image_i.png with image_i.txt holding ``captions[i]``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / f"image_{i}.png")
+        (folder / f"image_{i}.txt").write_text(caption + "\n")
+    return folder
+
+
+TRUNCATED = "a photo of the red house in the fire, " * 4 + "*"  # 41 tokens: `*` is cut at 32
+
+
+def test_textual_inversion_checks_every_caption_before_the_first_step(tiny_sd, tmp_path):
+    import lightning as L
+
+    from src.data.image_folder import CaptionedImageDataModule
+
+    captions = ["a photo of * in the fire", "a photo of a house", TRUNCATED, "a painting of *"]
+    folder = folder_with_captions(tmp_path / "images", captions)
+    datamodule = CaptionedImageDataModule(str(folder), resolution=32, batch_size=4)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="2 images have a caption without the placeholder") as error:
+        trainer.fit(textual_inversion(tiny_sd), datamodule=datamodule)
+    assert "image_1.png, image_2.png" in str(error.value) and "32 tokens" in str(error.value)
+    assert trainer.global_step == 0  # refused before training, not at the batch that lacked it
+
+    # With the fallback, those two images train on the templates; the others keep their own captions.
+    module = textual_inversion(tiny_sd, captions_without_placeholder="fallback")
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    datamodule = CaptionedImageDataModule(
+        str(folder), resolution=32, batch_size=4, fallback_captions=["a rendering of *"]
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    trained = datamodule.train_dataset.training_captions()
+    assert trained == {
+        "image_0.png": ["a photo of * in the fire"],
+        "image_1.png": ["a rendering of *"],
+        "image_2.png": ["a rendering of *"],
+        "image_3.png": ["a painting of *"],
+    }
 
 
 def test_textual_inversion_rejects_a_known_word_and_a_multi_token_initializer(tiny_sd):
     from src.modules.diffusion.textual_inversion import TextualInversion
 
     with pytest.raises(ValueError, match="already a word"):
-        TextualInversion(pretrained_model_name_or_path=str(tiny_sd), placeholder_token="house")
+        TextualInversion(
+            pretrained_model_name_or_path=str(tiny_sd), placeholder_token="house", initializer_token="house"
+        )
     with pytest.raises(ValueError, match="single token"):
-        TextualInversion(pretrained_model_name_or_path=str(tiny_sd), initializer_token="hanokish")
+        TextualInversion(
+            pretrained_model_name_or_path=str(tiny_sd),
+            placeholder_token="<hanok>",
+            initializer_token="hanokish",
+        )
 
 
 def test_hypernetwork_file_has_the_webui_layout(tiny_sd, tmp_path):

@@ -245,6 +245,7 @@ class CaptionedImageDataset(Dataset):
         self.instance_prompt = instance_prompt
         self.fallback_captions = list(fallback_captions or ())
         self.key_offset = key_offset
+        self.fallback_names: set[str] = set()
         uncaptioned = sum(1 for i in self.indices if not self.images[i].captions)
         if instance_prompt is None and uncaptioned and not self.fallback_captions:
             raise ValueError(
@@ -270,9 +271,25 @@ class CaptionedImageDataset(Dataset):
     def caption(self, image: CaptionedImage, index: int, repeat: int) -> str:
         if self.instance_prompt is not None:
             return self.instance_prompt
-        if image.captions:
+        if image.captions and image.name not in self.fallback_names:
             return image.captions[repeat % len(image.captions)]
         return self.fallback_captions[index % len(self.fallback_captions)]
+
+    def training_captions(self) -> dict[str, list[str]]:
+        """Each chosen image's name -> every caption it is trained with (over all repeats)."""
+        captions: dict[str, list[str]] = {}
+        for index in range(len(self)):
+            repeat, position = divmod(index, len(self.indices))
+            image = self.images[self.indices[position]]
+            captions.setdefault(image.name, []).append(self.caption(image, index, repeat))
+        return {name: list(dict.fromkeys(texts)) for name, texts in captions.items()}
+
+    def use_fallback_captions(self, names: Sequence[str]) -> None:
+        """Train the named images with ``fallback_captions`` instead of their own (e.g. captions that lack a
+        word the method needs)."""
+        if not self.fallback_captions:
+            raise ValueError("use_fallback_captions needs data.fallback_captions, and none are set.")
+        self.fallback_names |= set(names)
 
     def pixels(self, image: Image.Image) -> tuple[torch.Tensor, bool]:
         """Shorter side resized to the resolution, cropped square, maybe flipped -> float32 [3,R,R] in [-1, 1]."""
@@ -323,7 +340,7 @@ class PriorPreservation:
     class_dir: str
     class_prompt: str
     num_class_images: int = 100
-    # (prompt, num_images, out_dir) -> None; src.data.prior_preservation.generate_class_images as a _partial_
+    # (prompt, num_images, out_dir) -> None; src.pipelines.class_images.generate_class_images as a _partial_
     generator: Callable[[str, int, Path], None] | None = None
 
 

@@ -1,11 +1,13 @@
 """Textual Inversion (Gal et al. 2023): learn the embedding of one new word from a few images.
 
-A placeholder token (``<hanok>``; with ``num_vectors`` > 1 also ``<hanok>_1`` ...) joins the tokenizer, its
-embedding starts at an initializer word's ("house"), and only those rows train: they live in their own
+A placeholder token (e.g. ``<hanok>``; with ``num_vectors`` > 1 also ``<hanok>_1`` ...) joins the tokenizer, its
+embedding starts at an initializer word's (e.g. "house"), and only those rows train: they live in their own
 parameter and replace the frozen embedding matrix's output wherever the placeholder appears, so the rest of the
 vocabulary cannot move. Captions keep their own words (a BLIP caption per image, as paper 000 writes them); the
 paper's ``*`` in a caption or prompt stands for the placeholder. Images without a caption fall back to the
-datamodule's templates.
+datamodule's templates. Every caption is checked before training starts: one that does not hold the placeholder
+once tokenized (BLIP wrote another phrase, or the tokenizer's length cut it off) could teach nothing, so the run
+stops with the list of such images, or trains them on the templates (``captions_without_placeholder``).
 
 Exports ``learned_embeds.safetensors`` (``{placeholder: [num_vectors, dim]}``, read by diffusers'
 ``load_textual_inversion``) and the WebUI embedding ``<name>.pt`` (``string_to_param['*']``).
@@ -13,6 +15,7 @@ Exports ``learned_embeds.safetensors`` (``{placeholder: [num_vectors, dim]}``, r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from src.modules.diffusion.finetune import StableDiffusionFineTune
 
 __all__ = ["TextualInversion"]
 
+log = logging.getLogger(__name__)
+
 
 class TextualInversion(StableDiffusionFineTune):
     method = "textual_inversion"
@@ -30,14 +35,22 @@ class TextualInversion(StableDiffusionFineTune):
     def __init__(
         self,
         *args,
-        placeholder_token: str = "<hanok>",
-        initializer_token: str = "house",
+        placeholder_token: str,
+        initializer_token: str,
         num_vectors: int = 1,
         caption_placeholder: str = "*",
+        captions_without_placeholder: str = "error",
         **kwargs,
     ) -> None:
+        """``captions_without_placeholder``: ``error`` stops before training and lists the images whose caption
+        lacks the placeholder once tokenized; ``fallback`` trains those images on ``data.fallback_captions``."""
         if num_vectors < 1:
             raise ValueError(f"num_vectors must be >= 1, got {num_vectors}")
+        if captions_without_placeholder not in ("error", "fallback"):
+            raise ValueError(
+                f"captions_without_placeholder must be error or fallback, got {captions_without_placeholder!r}"
+            )
+        self.captions_without_placeholder = captions_without_placeholder
         self.placeholder_tokens = [placeholder_token] + [
             f"{placeholder_token}_{i}" for i in range(1, num_vectors)
         ]
@@ -83,16 +96,56 @@ class TextualInversion(StableDiffusionFineTune):
         learned = matches.to(output.dtype) @ self.placeholder_embeddings.to(output.dtype)
         return torch.where(matches.any(-1, keepdim=True), learned, output)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        dataset = getattr(datamodule, "train_dataset", None)
+        if stage == "fit" and dataset is not None:
+            self.check_captions(
+                getattr(dataset, "instance", dataset)
+            )  # DreamBooth-style pairs: the instances
+
+    def check_captions(self, dataset: Any) -> None:
+        """Before the first step: every image's captions must hold the placeholder once tokenized."""
+        lacking = [
+            name
+            for name, captions in dataset.training_captions().items()
+            if not all(self.holds_placeholder(caption) for caption in captions)
+        ]
+        if not lacking:
+            return
+        if self.captions_without_placeholder == "fallback":
+            dataset.use_fallback_captions(lacking)
+            log.warning(
+                "%d images' captions lack %r once tokenized; they train on data.fallback_captions: %s",
+                len(lacking),
+                self.caption_placeholder,
+                ", ".join(lacking),
+            )
+            self.check_captions(dataset)  # the templates must hold it too
+            return
+        raise ValueError(
+            f"{len(lacking)} images have a caption without the placeholder {self.caption_placeholder!r} once "
+            f"tokenized (missing, or cut off past the tokenizer's {self.tokenizer.model_max_length} tokens), so "
+            f"{self.placeholder_tokens[0]} could learn nothing from them: {', '.join(lacking)}. Fix their "
+            "captions, or set model.captions_without_placeholder=fallback to train them on data.fallback_captions."
+        )
+
+    def holds_placeholder(self, caption: str) -> bool:
+        """Whether ``caption``, as training tokenizes it (aliases, truncation), still holds the placeholder."""
+        input_ids = self.tokenizer(
+            self.training_prompt(caption), max_length=self.tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return bool(set(input_ids) & set(self.placeholder_ids.tolist()))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
         if not self._placeholder_seen:
-            # Otherwise backward fails with "element 0 of tensors does not require grad", naming nothing.
+            # Checked for every caption before training (check_captions); kept for data given another way,
+            # since backward would otherwise fail with "element 0 of tensors does not require grad".
             raise ValueError(
                 f"No caption of this batch holds the placeholder once tokenized, so {self.placeholder_tokens[0]} "
-                f"cannot learn: captions must contain {self.caption_placeholder!r} (data.fallback_captions for "
-                f"images without one), and a caption longer than the tokenizer's "
-                f"{self.tokenizer.model_max_length} tokens loses what is past the end. Captions: "
-                f"{list(batch['captions'])[:3]}"
+                f"cannot learn. Captions: {list(batch['captions'])[:3]}"
             )
         return loss
 
