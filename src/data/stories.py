@@ -235,8 +235,11 @@ def import_stories(path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[
     }
 
 
-def read_stories(path: str | os.PathLike) -> list[Story]:
-    """Every story of a JSON-lines file, validated; ``ValueError("<file>, line N: ...")`` on the first bad one."""
+def read_stories(path: str | os.PathLike, language: str | None = None) -> list[Story]:
+    """Every story of a JSON-lines file (only those in ``language`` when given), validated;
+    ``ValueError("<file>, line N: ...")`` on the first bad one."""
+    if language is not None and language not in LANGUAGES:
+        raise ValueError(f"stories language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     stories: list[Story] = []
     seen: dict[tuple[str, str], int] = {}
     with open(path, encoding="utf-8-sig") as lines:  # files saved on Windows may start with a byte-order mark
@@ -255,7 +258,7 @@ def read_stories(path: str | os.PathLike) -> list[Story]:
                 )
             seen[key] = number
             stories.append(story)
-    return stories
+    return [story for story in stories if language is None or story.language == language]
 
 
 def parse_story(record: Any) -> Story:
