@@ -15,6 +15,11 @@ Thesis chapter II's dataset stages (docs/dataset_stages.md):
     python prepare_data.py source=stories shards='OUT/photo/test-*.tar' out_dir=OUT model=LM num_captions=5000
     python prepare_data.py source=stories stories.import_jsonl=chatgpt_stories.jsonl out_dir=OUT
 
+The image index that retrieval-guided generation searches (thesis chapter V, src/retrieval/index.py):
+
+    python prepare_data.py source=index clip=RUN/checkpoints/last.ckpt shards='DIR/train-*.tar' \
+        out_dir=data/index [index.batch_size=64] [index.dtype=float16] [device=auto]
+
 Cartoonizing writes ``out_dir/<style>/`` beside ``out_dir/photo`` (the originals), runs in Lightning's predict
 loop (so ``trainer=...`` scales it out) and resumes per shard; stories land in ``out_dir/stories.jsonl``.
 
@@ -37,7 +42,7 @@ from src.utils.cli import one_line_errors
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "coco", "captions", "shards", "stories")
+SOURCES = ("synthetic", "coco", "captions", "shards", "stories", "index")
 
 
 def _path(value: str | None) -> str | None:
@@ -74,6 +79,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         counts = coco_shards(cfg, out_dir)
     elif cfg.source == "shards":
         counts = cartoonize(cfg, _shard_patterns(cfg), out_dir)
+    elif cfg.source == "index":
+        counts = image_index(cfg, out_dir)
     else:
         counts = stories(cfg, out_dir)
     if _is_global_rank_zero():  # DDP ranks run this script too; one summary is enough
@@ -158,6 +165,22 @@ def stories(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
         temperature=settings.temperature,
         top_p=settings.top_p,
         device=cfg.device,
+    )
+
+
+def image_index(cfg: DictConfig, out_dir: str) -> dict[str, Any]:
+    """Every image of ``cfg.shards`` embedded by the CLIP ``cfg.clip`` into an index in ``out_dir``."""
+    from src.retrieval.encoder import CLIPEncoder
+    from src.retrieval.index import build_image_index
+
+    if not cfg.clip:
+        raise ValueError(
+            "source=index needs clip=<a CLIP checkpoint of train.py (RUN/checkpoints/last.ckpt) or its "
+            "export directory (evaluate.py ... export_dir=DIR)>."
+        )
+    encoder = CLIPEncoder.load(_path(cfg.clip), device=cfg.device or "auto", setting="clip")
+    return build_image_index(
+        _shard_patterns(cfg), encoder, out_dir, batch_size=cfg.index.batch_size, dtype=cfg.index.dtype
     )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,47 @@ def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     path = Path(path)
     with open(path, "rb") as stream:
         yield from group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
+    check_end_of_archive(path)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a member's bytes lie in an uncompressed tar: ``size`` bytes from ``offset``, past its headers."""
+
+    name: str
+    offset: int
+    size: int
+
+
+# webdataset's default: members named like __meta__ (or inside __meta__/) are no part of any record
+_WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
+
+
+def read_records_with_members(
+    path: str | os.PathLike,
+) -> Iterator[tuple[dict[str, Any], dict[str, TarMember]]]:
+    """Each raw record of an uncompressed tar shard as :func:`read_records` gives it, with where its members
+    lie (extension -> :class:`TarMember`), so that a member is read back later by one seek, without a scan."""
+    from webdataset.tariterators import base_plus_ext, group_by_keys
+
+    path = Path(path)
+    members: dict[tuple[str, str], TarMember] = {}
+
+    def files() -> Iterator[dict[str, Any]]:
+        # "r|": a plain stream of 512-byte blocks, whose offsets are the file's (not a gzip stream's)
+        with tarfile.open(path, mode="r|") as archive:
+            for info in archive:
+                if not info.isreg() or _WEBDATASET_META.match(info.name):
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is not None:  # grouped under the same (key, lower-cased extension) as webdataset
+                    members[prefix, suffix.lower()] = TarMember(info.name, info.offset_data, info.size)
+                yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": str(path)}
+                archive.members = []  # a stream keeps every header otherwise
+
+    for record in group_by_keys(files()):
+        key = record["__key__"]
+        yield record, {ext: members.pop((key, ext)) for ext in record if not ext.startswith("__")}
     check_end_of_archive(path)
 
 
