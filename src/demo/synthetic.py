@@ -4,6 +4,8 @@ It is the offline default of the framework: demos and tests train on it without 
 Every attribute of a scene (shape, colour, size, position, background, drawing style) is named in every
 caption, so text-to-image retrieval is learnable, and the shape's colour dominates its non-background
 pixels, so a generator's output can be checked against the colour its caption names (``dominant_colour``).
+The renderer also knows each shape's silhouette, so it draws true depth maps beside the images
+(``render_scene_with_depth``), which the depth-to-image demo trains on (``src/demo/depth.py``).
 """
 
 from __future__ import annotations
@@ -192,6 +194,9 @@ KO_STYLE_TAG = {"flat": "단색", "outline": "윤곽선", "sketch": "스케치",
 # Shape half-extent as a fraction of the image side; "large" covers about a quarter of the image.
 SIZE_RADIUS = {"small": 0.15, "large": 0.27}
 SUPERSAMPLE = 4  # drawn at 4x and box-filtered down: smooth edges without ringing around the colours
+# Depth maps (near = 1): the shape stands in front of a ground plane that recedes from the bottom to the top.
+SHAPE_DEPTH = 1.0
+GROUND_DEPTH = (0.1, 0.4)  # at the top row, at the bottom row
 _CAPTION_WORD = re.compile(r"\w+|[^\w\s]")  # how BERT's basic tokenizer splits: words and single punctuation
 
 
@@ -542,6 +547,33 @@ def render_scene(
     scene: Scene, style: str = "flat", image_size: int = 64, rng: random.Random | None = None
 ) -> Image.Image:
     """Draw ``scene`` in ``style`` as an RGB image; ``rng`` jitters position, size, rotation and strokes."""
+    canvas, _ = _draw_supersampled(scene, style, image_size, rng)
+    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def render_scene_with_depth(
+    scene: Scene, style: str = "flat", image_size: int = 64, rng: random.Random | None = None
+) -> tuple[Image.Image, np.ndarray]:
+    """``render_scene``'s image (the same for the same ``rng`` state) and its depth map: float32 [H, W] in
+    [0, 1], near = 1. The shape's whole silhouette stands in front, whatever its drawing style; behind it a
+    ground plane recedes from ``GROUND_DEPTH[1]`` at the bottom to ``GROUND_DEPTH[0]`` at the top, so every map
+    has a range (depth-to-image min-max normalises each map)."""
+    canvas, fill = _draw_supersampled(scene, style, image_size, rng)
+    side = image_size * SUPERSAMPLE
+    near, far = GROUND_DEPTH[1], GROUND_DEPTH[0]
+    ground = np.linspace(far, near, side, dtype=np.float32)[:, None].repeat(side, axis=1)
+    silhouette = np.asarray(fill, dtype=np.float32) / 255.0
+    depth = ground * (1.0 - silhouette) + SHAPE_DEPTH * silhouette
+    # The same box filter as the image: edge pixels blend shape and ground as their colours do.
+    depth = depth.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(1, 3))
+    image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    return image, depth.astype(np.float32)
+
+
+def _draw_supersampled(
+    scene: Scene, style: str, image_size: int, rng: random.Random | None
+) -> tuple[Image.Image, Image.Image]:
+    """The drawing at ``SUPERSAMPLE`` times the size, and the shape's filled silhouette (mode L) beside it."""
     rng = rng if rng is not None else random.Random(0)
     side = image_size * SUPERSAMPLE
     radius = SIZE_RADIUS[scene.size] * side * rng.uniform(0.92, 1.08)
@@ -555,7 +587,7 @@ def render_scene(
     line = max(2.5, 0.28 * radius / SUPERSAMPLE) * SUPERSAMPLE
     canvas = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
     canvas.paste(COLOURS[scene.colour], (0, 0, side, side), _paint_mask(style, fill, points, line, rng))
-    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    return canvas, fill
 
 
 def dominant_colour(image: Image.Image) -> str | None:
@@ -584,10 +616,7 @@ def synthetic_sample(
     split: str, index: int, seed: int = 0, image_size: int = 64, kinds: Sequence[str] = KINDS
 ) -> WebtoonSample:
     """Sample ``index`` of ``split``; each sample has its own RNG, so it does not depend on the others."""
-    # str seeds are hashed with SHA-512 by random.Random: stable across processes and Python runs.
-    rng = random.Random(f"webtoon-lab/synthetic/{seed}/{split}/{index}")
-    scene = sample_scene(rng, kinds)
-    style = rng.choice(STYLES)
+    scene, style, rng = synthetic_scene(split, index, seed, kinds)
     captions_en, captions_ko = scene_captions(scene, style)
     return WebtoonSample(
         key=f"{split}_{index:07d}",
@@ -597,6 +626,16 @@ def synthetic_sample(
         style=style,
         image_id=SPLITS.index(split) * 10_000_000 + index if split in SPLITS else index,
     )
+
+
+def synthetic_scene(
+    split: str, index: int, seed: int = 0, kinds: Sequence[str] = KINDS
+) -> tuple[Scene, str, random.Random]:
+    """The scene and style of sample ``index`` of ``split``, and its RNG in the state that renders it."""
+    # str seeds are hashed with SHA-512 by random.Random: stable across processes and Python runs.
+    rng = random.Random(f"webtoon-lab/synthetic/{seed}/{split}/{index}")
+    scene = sample_scene(rng, kinds)
+    return scene, rng.choice(STYLES), rng
 
 
 def split_counts(num_samples: int, split_fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, int]:
