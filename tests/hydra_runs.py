@@ -12,13 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ALL_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # benchmark.py's grids of fine-tuning runs (tests/test_benchmark.py)
-BENCHMARKS = tuple(sorted(p.stem for p in (CONFIGS / "benchmark").glob("*.yaml")))
+# benchmark=NAME choices; *_base files hold what a family of benchmarks shares and run nothing themselves
+BENCHMARKS = tuple(
+    sorted(p.stem for p in (CONFIGS / "benchmark").glob("*.yaml") if not p.stem.endswith("_base"))
+)
 # Stable Diffusion fine-tuning runs on images folders and a base model (tests/test_finetune_experiments.py)
 FINETUNE_EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e.startswith("finetune_") or e == "style_lora")
 # text-to-image models trained from scratch (tests/test_sd_base.py)
 DIFFUSION_EXPERIMENTS = ("sd_demo_base",)
+# depth-to-image grown from a text-to-image base (tests/test_sd_depth.py)
+DEPTH_EXPERIMENTS = ("sd_demo_depth",)
+# ControlNets trained on a frozen base (tests/test_controlnet_training.py)
+CONTROLNET_EXPERIMENTS = ("controlnet_canny", "controlnet_demo")
 # CLIP and DCGAN runs on the bilingual shards (tests/test_experiments.py)
-EXPERIMENTS = tuple(e for e in ALL_EXPERIMENTS if e not in (*FINETUNE_EXPERIMENTS, *DIFFUSION_EXPERIMENTS))
+EXPERIMENTS = tuple(
+    e
+    for e in ALL_EXPERIMENTS
+    if e not in (*FINETUNE_EXPERIMENTS, *DIFFUSION_EXPERIMENTS, *DEPTH_EXPERIMENTS, *CONTROLNET_EXPERIMENTS)
+)
 THESIS_EXPERIMENTS = ("clip_webtoon", "dcgan_webtoon")
 
 
