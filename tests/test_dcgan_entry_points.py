@@ -63,6 +63,7 @@ def test_training_lowers_fid_below_the_untrained_generator(dcgan_run):
 
 def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
     """python generate.py ckpt_path=... captions=[...]: Korean and English, files named by index only."""
+    import numpy as np
     from hydra import compose, initialize_config_dir
     from PIL import Image
 
@@ -82,7 +83,7 @@ def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
     ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="generate", overrides=overrides)
-    written = generate_from_config(cfg)
+    written = generate_from_config(cfg)["images"]
     files = sorted(p.name for p in (tmp_path / "generated").iterdir())
     assert files == ["000_0.png", "000_1.png", "001_0.png", "001_1.png", "manifest.json"]
     manifest = json.loads((tmp_path / "generated" / "manifest.json").read_text())
@@ -91,8 +92,21 @@ def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
 
     # The files hold exactly what the sample-grid callback draws with the checkpoint's module, seed for seed.
     images = CaptionSampleGrid(captions, num_per_caption=2, seed=0).render(load_module(checkpoint))
-    saved = torch.from_numpy(__import__("numpy").array(Image.open(tmp_path / "generated" / "001_1.png")))
+    saved = torch.from_numpy(np.array(Image.open(tmp_path / "generated" / "001_1.png")))
     expected = (images[1, 1] * 255).round().to(torch.uint8).permute(1, 2, 0)
     assert torch.equal(saved, expected)
+    # The manifest alone redraws the same pixels, from another directory.
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        again = compose(
+            config_name="generate",
+            overrides=[
+                f"manifest={tmp_path / 'generated' / 'manifest.json'}",
+                f"out_dir={tmp_path / 'again'}",
+            ],
+        )
+    generate_from_config(again)
+    for name in ("000_0.png", "001_1.png"):
+        first = np.array(Image.open(tmp_path / "generated" / name))
+        assert (first == np.array(Image.open(tmp_path / "again" / name))).all()
     # Same noise for every caption; different noise across a caption's images.
     assert not torch.equal(images[0, 0], images[0, 1])

@@ -236,7 +236,7 @@ def test_generate_draws_a_finetuned_model_from_its_export_directory_alone(lora_r
         f"out_dir={out}",
         "device=cpu",
     ]
-    files = generate_from_config(compose_plain("generate.yaml", overrides))
+    files = generate_from_config(compose_plain("generate.yaml", overrides))["images"]
     assert sorted(files) == ["000_0.png", "000_1.png", "001_0.png", "001_1.png"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["method"] == "lora"

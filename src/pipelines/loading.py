@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,10 @@ from src.utils.hub import from_pretrained
 __all__ = [
     "diffusers_pipeline_for",
     "load_module",
+    "load_panel_maker",
+    "load_photo_maker",
     "load_stable_diffusion",
+    "load_story_maker",
     "load_text_to_image",
     "text_to_image_for",
 ]
@@ -113,6 +116,7 @@ def load_stable_diffusion(
     multiplier: float = 1.0,
     device: str | torch.device = "auto",
     pipeline_class: type | None = None,
+    base_model_setting: str = "base_model",
     **components: Any,
 ) -> tuple[Any, dict[str, str], dict[str, Any]]:
     """A diffusers pipeline with ``method``'s export applied, the prompt aliases it brings, and a record of
@@ -120,7 +124,8 @@ def load_stable_diffusion(
 
     A run's export directory records its method, base model and aliases (``finetune.json``), so ``weights``
     alone is enough for it; files from elsewhere (a WebUI embedding, a kohya LoRA) need ``method`` and
-    ``base_model``. ``components`` replace or add parts (e.g. ``controlnet=...``, ``depth_estimator=...``).
+    ``base_model``. ``components`` replace or add parts (e.g. ``controlnet=...``, ``depth_estimator=...``);
+    ``base_model_setting`` is the setting an error names when the base model cannot be loaded.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -139,14 +144,16 @@ def load_stable_diffusion(
         raise ValueError(f"method={method} needs weights=<its export: a directory or file>")
     whole_model = method in WHOLE_MODEL_METHODS
     if not whole_model and not base_model:
-        raise ValueError(f"method={method} needs base_model=<the hub id or directory it was trained on>")
-    source, setting = (str(weights), "weights") if whole_model else (base_model, "base_model")
+        raise ValueError(
+            f"method={method} needs {base_model_setting}=<the hub id or directory it was trained on>"
+        )
+    source, setting = (str(weights), "weights") if whole_model else (base_model, base_model_setting)
     no_safety_checker = accepted(pipeline_class, {"safety_checker": None, "requires_safety_checker": False})
     diffusers_pipeline = from_pretrained(
         pipeline_class.from_pretrained,
         source,
         setting,
-        torch_dtype=half_precision_dtype(device),
+        dtype=half_precision_dtype(device),
         **no_safety_checker,
         **components,
     )
@@ -193,3 +200,184 @@ def load_text_to_image(
     return StableDiffusionTextToImage(
         diffusers_pipeline, {**aliases, **(prompt_aliases or {})}, source=origin, **sampling
     )
+
+
+# --- panels and story strips ----------------------------------------------------------------------------------
+
+
+def load_panel_maker(
+    clip: str | os.PathLike,
+    index: str | os.PathLike,
+    depth_model: str,
+    weights: str | os.PathLike | None = None,
+    method: str | None = None,
+    multiplier: float = 1.0,
+    device: str | torch.device = "auto",
+    index_backend: str = "exact",
+    **settings: Any,
+) -> Any:
+    """Treatments -> panels (:class:`~src.pipelines.panel.TreatmentToPanel`): the project's CLIP (a train.py
+    checkpoint or its export), an image index it built (``prepare_data.py source=index``) and a depth-to-image
+    model (hub id or directory), optionally with a style LoRA / textual inversion / hypernetwork (``weights``)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    from src.pipelines.panel import PanelSettings, TreatmentToPanel
+    from src.retrieval.encoder import CLIPEncoder
+    from src.retrieval.index import ImageIndex
+
+    device = resolve_device(device)
+    encoder = CLIPEncoder.load(clip, device=str(device), setting="clip")
+    image_index = ImageIndex.load(index, backend=index_backend, setting="index")
+    diffusers_pipeline, aliases, origin = load_stable_diffusion(
+        depth_model,
+        method,
+        weights,
+        multiplier,
+        device,
+        pipeline_class=StableDiffusionDepth2ImgPipeline,
+        base_model_setting="depth_model",
+    )
+    origin = {"clip": str(clip), "index": str(index), "depth_model": str(depth_model), **origin}
+    origin.pop("base_model", None)
+    return TreatmentToPanel(
+        encoder, image_index, diffusers_pipeline, PanelSettings(**settings), aliases, origin
+    )
+
+
+def load_story_maker(
+    panel_maker: Any,
+    consistency: str = "none",
+    ip_adapter: Mapping[str, Any] | None = None,
+    device: str | torch.device = "auto",
+    **strip: Any,
+) -> Any:
+    """Stories -> strips (:class:`~src.pipelines.story.StoryToStrip`) on a panel maker. ``ip_adapter`` (for
+    ``consistency=ip_adapter``): ``model`` (hub id or directory holding the adapter, e.g. ``h94/IP-Adapter``),
+    ``subfolder``, ``weight_name``, ``base_model`` (a text-to-image model with IP-Adapter support, since the
+    depth-to-image pipeline has none), ``scale``, ``style_image`` (a file; else the first panel)."""
+    from src.pipelines.story import StoryToStrip
+
+    if consistency == "lora" and not panel_maker.source.get("weights"):
+        raise ValueError("consistency=lora needs weights=<a style LoRA or textual inversion export>")
+    adapter = None
+    if consistency == "ip_adapter":
+        adapter = load_ip_adapter_panels(**dict(ip_adapter or {}), device=device)
+    return StoryToStrip(panel_maker, consistency, adapter, **strip)
+
+
+def load_ip_adapter_panels(
+    model: str | None = None,
+    base_model: str | None = None,
+    subfolder: str = "models",
+    weight_name: str = "ip-adapter_sd15.bin",
+    image_encoder_folder: str = "image_encoder",
+    scale: float | dict = 0.6,
+    style_image: str | None = None,
+    device: str | torch.device = "auto",
+) -> Any:
+    """An image-to-image pipeline of ``base_model`` with the IP-Adapter ``model`` loaded by diffusers'
+    ``load_ip_adapter`` (hub id or directory; ``subfolder``, ``weight_name``, ``image_encoder_folder`` as there)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from src.pipelines.story import IPAdapterPanels
+    from src.utils.hub import missing_weights
+
+    if not model or not base_model:
+        raise ValueError(
+            "consistency=ip_adapter needs ip_adapter.model=<IP-Adapter hub id or directory, e.g. h94/IP-Adapter> "
+            "and ip_adapter.base_model=<the text-to-image model it was trained for>: the depth-to-image pipeline "
+            "has no IP-Adapter loader, so these panels are drawn by image-to-image."
+        )
+    if style_image and not Path(style_image).is_file():
+        raise FileNotFoundError(f"ip_adapter.style_image={style_image} is not a file: give an image or null.")
+    diffusers_pipeline, _, _ = load_stable_diffusion(
+        base_model,
+        device=device,
+        pipeline_class=StableDiffusionImg2ImgPipeline,
+        base_model_setting="ip_adapter.base_model",
+    )
+    try:
+        diffusers_pipeline.load_ip_adapter(
+            model, subfolder=subfolder, weight_name=weight_name, image_encoder_folder=image_encoder_folder
+        )
+    except OSError as error:  # diffusers' and transformers' "no such file here or on the hub"
+        raise missing_weights(model, "ip_adapter.model", error) from error
+    except (KeyError, ValueError, RuntimeError) as error:  # keys or shapes of another UNet, or not an adapter
+        cause = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(
+            f"ip_adapter.model={model} ({Path(subfolder, weight_name)}) is not an IP-Adapter for "
+            f"ip_adapter.base_model={base_model}: give the adapter trained for that model (h94/IP-Adapter: "
+            f"models/ for SD 1.5, sdxl_models/ for SDXL) ({type(error).__name__}: {cause})"
+        ) from error
+    diffusers_pipeline.to(resolve_device(device))
+    reference = Image.open(style_image).convert("RGB") if style_image else None
+    source = {
+        "model": model,
+        "base_model": base_model,
+        "subfolder": subfolder,
+        "weight_name": weight_name,
+        "image_encoder_folder": image_encoder_folder,
+        "style_image": style_image,
+    }
+    return IPAdapterPanels(diffusers_pipeline, scale, reference, source)
+
+
+# --- photo -> webtoon ---------------------------------------------------------------------------------------------
+
+
+def load_photo_maker(
+    controlnets: Sequence[Mapping[str, Any]],
+    base_model: str | None = None,
+    weights: str | os.PathLike | None = None,
+    method: str | None = None,
+    multiplier: float = 1.0,
+    device: str | torch.device = "auto",
+    **settings: Any,
+) -> Any:
+    """Photo -> webtoon (:class:`~src.pipelines.photo.PhotoToWebtoon`): ``base_model`` with a style export
+    (``weights``: a fine-tuning export, or a kohya / WebUI file with ``method``) and one or several ControlNets
+    (``controlnets[i]``: ``model``, ``detector`` or ``image``, ``scale``, ``start``, ``end``,
+    ``detector_weights``). The style is loaded into a text-to-image pipeline and the ControlNet pipeline is built
+    from its components, which share the LoRA, embeddings and hypernetwork (loading a LoRA on a ControlNet
+    pipeline directly is the known trap)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    from src.pipelines.detectors import load_detector
+    from src.pipelines.photo import ControlSpec, PhotoSettings, PhotoToWebtoon
+
+    device = resolve_device(device)
+    specs = [ControlSpec(**dict(spec)) for spec in controlnets]
+    if not specs:
+        raise ValueError("mode=img2img needs controlnets=[{model: ..., detector: ...}, ...] (one or more).")
+    base, aliases, origin = load_stable_diffusion(base_model, method, weights, multiplier, device)
+    nets = [
+        from_pretrained(
+            ControlNetModel.from_pretrained,
+            spec.model,
+            f"controlnets[{i}].model",
+            dtype=half_precision_dtype(device),
+        ).to(device)
+        for i, spec in enumerate(specs)
+    ]
+    components = {
+        k: v
+        for k, v in base.components.items()
+        if k in inspect.signature(StableDiffusionControlNetImg2ImgPipeline.__init__).parameters
+    }
+    diffusers_pipeline = StableDiffusionControlNetImg2ImgPipeline(
+        **components,
+        controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets),
+        requires_safety_checker=False,
+    )
+    diffusers_pipeline.set_progress_bar_config(disable=True)
+    detectors = [
+        load_detector(
+            spec.detector, spec.detector_weights, device, setting=f"controlnets[{i}].detector_weights"
+        )
+        if spec.detector
+        else None
+        for i, spec in enumerate(specs)
+    ]
+    return PhotoToWebtoon(diffusers_pipeline, specs, detectors, PhotoSettings(**settings), aliases, origin)
