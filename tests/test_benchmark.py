@@ -242,6 +242,12 @@ def test_tables_are_laid_out_as_the_papers_rows_of_sizes_and_columns_of_methods(
 def test_benchmarks_are_their_own_config_group_and_no_training_experiment():
     from hydra.errors import ConfigCompositionException
 
-    assert set(BENCHMARKS) == {"finetune_demo", "finetune_hanok"}
+    assert set(BENCHMARKS) == {
+        "finetune_demo",
+        "finetune_hanok",
+        "panels_demo",
+        "stories_demo",
+        "stories_coco",
+    }
     with pytest.raises(ConfigCompositionException, match="finetune_demo"):
         compose_plain("train.yaml", ["experiment=finetune_demo"])
