@@ -185,8 +185,14 @@ def test_float16_halves_the_bytes_and_resumes_from_the_float32_parts(
             assert found_half[0].row == found_full[0].row
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_exact_search_equals_a_full_sort_across_chunk_boundaries(dtype):
+def test_exact_search_equals_a_full_sort_across_chunk_boundaries(dtype, threads, monkeypatch):
+    import src.retrieval.index as index_module
+
+    # a few float32 queries are searched in one slice of rows per thread, merged after
+    monkeypatch.setattr(index_module, "PARALLEL_MIN_ROWS", 16)
+    monkeypatch.setattr(index_module.torch, "get_num_threads", lambda: threads)
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(1000, 24, generator=generator), dim=1).to(dtype)
     queries = torch.nn.functional.normalize(torch.randn(9, 24, generator=generator), dim=1)

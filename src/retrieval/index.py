@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ HALF_MATVEC_QUERIES = 4
 # Bound on |float16 product - float32 product| for unit vectors: the query's and the score's rounding to
 # float16 (2^-11 and 2^-12 at most) and the kernel's accumulation; measured: at most 2.6e-4 at 512-d.
 HALF_SCORE_ERROR = 2e-3
+# Exact search of a few queries is split across torch's threads from this many rows per thread on
+PARALLEL_MIN_ROWS = 2**16
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,25 @@ def exact_top_k(
     """Scores and rows [q, min(top_k, N)] of the largest inner products, best first, computed ``chunk_rows``
     rows at a time (no [q, N] matrix) and merged across chunks; float16 rows are summed in float32."""
     queries = queries.float()
+    threads = torch.get_num_threads()
+    few = len(queries) <= HALF_MATVEC_QUERIES and len(embeddings) >= threads * PARALLEL_MIN_ROWS
+    if not few or threads == 1 or embeddings.dtype != torch.float32:
+        return _top_k_in_chunks(embeddings, queries, top_k, chunk_rows)
+    # MKL's float32 matrix-vector product runs on one thread: a few queries read the rows from every thread at
+    # once, one slice each (2 threads: 215 -> 145 ms at 1M x 512; float16's product gains nothing, measured).
+    slices = embeddings.chunk(threads)
+    with ThreadPoolExecutor(len(slices)) as pool:
+        found = list(pool.map(lambda rows: _top_k_in_chunks(rows, queries, top_k, chunk_rows), slices))
+    offsets = torch.tensor([0, *[len(rows) for rows in slices[:-1]]]).cumsum(0)
+    scores = torch.cat([s for s, _ in found], dim=1)
+    rows = torch.cat([r + offset for (_, r), offset in zip(found, offsets.tolist(), strict=True)], dim=1)
+    best_scores, order = scores.topk(min(top_k, len(embeddings)), dim=1)
+    return best_scores, rows.gather(1, order)
+
+
+def _top_k_in_chunks(
+    embeddings: torch.Tensor, queries: torch.Tensor, top_k: int, chunk_rows: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     count, top_k = len(embeddings), min(top_k, len(embeddings))
     chunk_rows = chunk_rows or max(1024, SCORE_BUDGET // max(1, len(queries)))
     widened = None  # float16 rows are widened into this one float32 buffer (a new one per chunk page-faults)
