@@ -155,6 +155,7 @@ def story_benchmark(cfg: DictConfig) -> Path:
             ip_adapter=OmegaConf.to_container(settings.ip_adapter) if settings.get("ip_adapter") else None,
             device=cfg.device,
             **OmegaConf.to_container(cfg.strip, resolve=True),
+            **{key: settings[key] for key in ("shared_blocks", "adain") if key in settings},
         )
     out_dir = Path(to_absolute_path(cfg.out_dir))
     judge = load_clip_judge(local(cfg.judge), setting="judge")

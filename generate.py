@@ -206,6 +206,8 @@ def draw_strips(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         ip_adapter=OmegaConf.to_container(cfg.ip_adapter, resolve=True),
         device=cfg.device,
         **OmegaConf.to_container(cfg.strip, resolve=True),
+        shared_blocks=list(cfg.shared_attention.blocks),
+        adain=cfg.shared_attention.adain,
     )
     strips = maker(stories, cfg.seed, on_step=progress_bar("stories"))
     records = []

@@ -132,6 +132,21 @@ def test_shared_attention_keeps_the_first_panel_and_draws_the_others_alike(model
         (s.image - p.image).abs().max() > 1e-4
         for s, p in zip(shared.panels[1:], plain.panels[1:], strict=True)
     )
+    # sharing every block with AdaIN (StyleAligned's full setting) draws other panels than the up blocks alone
+    everywhere = load_story_maker(
+        maker,
+        "shared_attention",
+        panel_width=64,
+        shared_blocks=["down_blocks", "mid_block", "up_blocks"],
+        adain=True,
+    )
+    assert everywhere.describe()["shared_attention"] == {
+        "blocks": ["down_blocks", "mid_block", "up_blocks"],
+        "adain": True,
+    }
+    widely = everywhere([STORY], seed=0)[0]
+    torch.testing.assert_close(widely.panels[0].image, plain.panels[0].image, atol=1e-4, rtol=0)
+    assert (widely.panels[1].image - shared.panels[1].image).abs().max() > 1e-4
     again = load_story_maker(maker, "none", panel_width=64)([STORY], seed=0)[0]
     assert all(torch.equal(a.image, p.image) for a, p in zip(again.panels, plain.panels, strict=True))
     assert [p.seed for p in plain.panels] == [0] * 4  # the thesis' shared seed

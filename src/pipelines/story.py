@@ -58,8 +58,12 @@ class StoryToStrip:
         panel_width: int = 384,
         gutter: int = 32,
         captions: bool = True,
+        shared_blocks: Sequence[str] = ("up_blocks",),
+        adain: bool = False,
     ) -> None:
-        """``captions``: print each sentence under its panel."""
+        """``captions``: print each sentence under its panel. ``shared_blocks`` and ``adain``: where
+        ``consistency=shared_attention`` shares self-attention, and whether it also normalises queries and keys
+        to the first panel's (see :func:`~src.pipelines.shared_attention.shared_attention`)."""
         if consistency not in CONSISTENCY:
             raise ValueError(f"consistency must be one of {', '.join(CONSISTENCY)}, got {consistency!r}")
         if consistency == "ip_adapter" and ip_adapter is None:
@@ -69,11 +73,15 @@ class StoryToStrip:
         self.ip_adapter = ip_adapter
         self.layout = {"width": panel_width, "gutter": gutter}
         self.captions = captions
+        self.shared = {"blocks": tuple(shared_blocks), "adain": adain}
 
     def describe(self) -> dict[str, Any]:
         return {
             **self.panel_maker.describe(),
             "consistency": self.consistency,
+            "shared_attention": {**self.shared, "blocks": list(self.shared["blocks"])}
+            if self.consistency == "shared_attention"
+            else None,
             "ip_adapter": self.ip_adapter.describe() if self.ip_adapter else None,
             "strip": {**self.layout, "captions": self.captions},
         }
@@ -110,7 +118,7 @@ class StoryToStrip:
         references = [maker.reference(hit) for hit in hits]
         seeds = [seed] * len(sentences)
         if self.consistency == "shared_attention":
-            with shared_attention(maker.diffusers_pipeline.unet, group_size=len(sentences)):
+            with shared_attention(maker.diffusers_pipeline.unet, len(sentences), **self.shared):
                 images = maker.draw([p for p, _ in prompts], references, seeds, on_step)
         elif self.consistency == "ip_adapter":
             images = self.ip_adapter.draw([p for p, _ in prompts], references, seeds, maker, on_step)
