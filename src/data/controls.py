@@ -58,6 +58,7 @@ from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS
 from src.data.shards import count_records as count_shard_records
 from src.data.shards import read_records, read_sizes, split_of, update_sizes
+from src.utils.workers import die_with_parent
 
 __all__ = [
     "CONTROL_KEY",
@@ -430,6 +431,7 @@ class ControlShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=die_with_parent if workers > 0 else None,
             multiprocessing_context=WORKER_START if workers > 0 else None,
         )
 

@@ -33,6 +33,7 @@ from src.data.pipeline import (
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import read_sizes
+from src.utils.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=die_with_parent if workers > 0 else None,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             # Forked workers inherit the pipeline's closures; under `ddp_spawn` Python would otherwise spawn
             # them too and have to pickle every stage.

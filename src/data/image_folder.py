@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from src.data.pipeline import CorruptSample, decode_record, describe_skips
 from src.data.schema import IMAGE_EXTENSIONS, LANGUAGES
+from src.utils.workers import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -450,5 +451,6 @@ class CaptionedImageDataModule(L.LightningDataModule):
             collate_fn=collate_captioned,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=die_with_parent if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
