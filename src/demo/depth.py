@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from src.data.schema import SPLITS
+from src.demo.splits import GeneratedSplitsDataModule
 from src.demo.synthetic import (
     NUM_TEMPLATES,
     caption_scene,
@@ -57,7 +57,7 @@ class SyntheticDepthDataset(Dataset):
         return {"image": pixels, "depth": torch.from_numpy(depth)[None], "caption": caption}
 
 
-class SyntheticDepthDataModule(LightningDataModule):
+class SyntheticDepthDataModule(GeneratedSplitsDataModule):
     """Train, val and test splits of ``num_samples`` generated scenes, split as the synthetic shards are."""
 
     def __init__(
@@ -83,31 +83,3 @@ class SyntheticDepthDataModule(LightningDataModule):
             split: SyntheticDepthDataset(split, count, image_size, seed)
             for split, count in split_counts(num_samples, split_fractions).items()
         }
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        if len(dataset) == 0:
-            raise ValueError(
-                f"The {split} split is empty: raise data.num_samples or its data.split_fractions."
-            )
-        batch_size = (
-            self.hparams.batch_size if shuffle else self.hparams.eval_batch_size or self.hparams.batch_size
-        )
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )

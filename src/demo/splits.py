@@ -1,0 +1,52 @@
+"""The loaders of a DataModule whose train, val and test datasets are generated scenes held in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from src.utils.workers import die_with_parent
+
+__all__ = ["GeneratedSplitsDataModule"]
+
+
+class GeneratedSplitsDataModule(LightningDataModule):
+    """Loaders over ``self.datasets`` (split -> dataset), which a subclass fills; hparams ``batch_size``,
+    ``eval_batch_size`` and ``num_workers``. The training split is shuffled (the run's seed orders it) and drops
+    a last partial batch; evaluation splits are read in order, whole."""
+
+    datasets: dict[str, Dataset]
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        if len(dataset) == 0:
+            raise ValueError(
+                f"The {split} split is empty: raise data.num_samples or its data.split_fractions."
+            )
+        batch_size = (
+            self.hparams.batch_size if shuffle else self.hparams.eval_batch_size or self.hparams.batch_size
+        )
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=die_with_parent if workers > 0 else None,
+        )
