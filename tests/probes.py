@@ -34,3 +34,24 @@ class TrainedParameterSnapshot(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first_batch is None:
             self.first_batch = batch
+
+
+class LastCheckpointSteps(L.Callback):
+    """Records, after every training batch, the global step held by ``last.ckpt`` in ``dirpath`` (None: none)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.seen: list[tuple[int, int | None]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from pathlib import Path
+
+        import torch
+
+        last = Path(self.dirpath) / "last.ckpt"
+        step = (
+            torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+            if last.is_file()
+            else None
+        )
+        self.seen.append((trainer.global_step, step))
