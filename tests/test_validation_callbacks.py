@@ -165,12 +165,20 @@ def test_finetune_callbacks_compose_and_instantiate(tmp_path):
     from hydra_runs import compose_config
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from src.callbacks.step_checkpoint import StepCheckpoint
     from src.utils.run import instantiate_callbacks
 
     cfg = compose_config("train.yaml", ["callbacks=finetune"], tmp_path)
     callbacks = {type(c): c for c in instantiate_callbacks(cfg.callbacks)}
 
-    assert set(callbacks) == {ModelCheckpoint, LearningRateMonitor, ValidationPromptGrid, ResourceMonitor}
+    assert set(callbacks) == {
+        ModelCheckpoint,
+        StepCheckpoint,
+        LearningRateMonitor,
+        ValidationPromptGrid,
+        ResourceMonitor,
+    }
+    assert callbacks[StepCheckpoint].every_n_train_steps == 0  # off unless asked for
     checkpoint = callbacks[ModelCheckpoint]
     assert checkpoint.monitor is None and checkpoint.save_last and checkpoint._every_n_train_steps == 500
     assert checkpoint.dirpath == str(tmp_path / "checkpoints")
