@@ -43,15 +43,10 @@ from src.data.pipeline import (
     SizedPipeline,
     SkipCounter,
     SkipPolicy,
-    attach_skipped,
     choose_caption,
-    count_records,
     decode_record,
     expand_shards,
-    repeat_shards,
-    shuffled_samples,
-    shuffled_shards,
-    stop_on_empty_passes,
+    shard_pipeline,
     worker_share,
 )
 from src.data.preprocess import Preprocess
@@ -226,46 +221,12 @@ def png_bytes(image: Image.Image) -> bytes:
 # --- training data ----------------------------------------------------------------------------------------------
 
 
-def control_shard_pipeline(
-    shards: str | list[str],
-    prepare: Callable[[dict], dict],
-    collate: Callable[[list[dict]], dict],
-    batch_size: int,
-    training: bool,
-    seed: int = 0,
-    epoch: SharedEpoch | None = None,
-    shuffle_buffer: int = 1000,
-    resample: bool = False,
-    skip_policy: SkipPolicy | None = None,
-) -> wds.DataPipeline:
-    """The stages of :func:`src.data.pipeline.shard_pipeline`, with ``prepare`` given the raw record (its
-    ``control.png`` member is no part of the decoded sample); records it refuses are skipped and counted."""
-    urls = expand_shards(shards)
-    counter = SkipCounter(skip_policy)
-    epoch = epoch or SharedEpoch()
-    if training and resample:
-        stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    elif training:
-        stages = [wds.SimpleShardList(urls), shuffled_shards(seed, epoch), repeat_shards]
-    else:
-        stages = [wds.SimpleShardList(urls)]
-    stages += [wds.split_by_node, wds.split_by_worker]
-    if training:
-        stages.append(stop_on_empty_passes(counter, len(urls)))
-    stages += [wds.tarfile_to_samples(handler=counter.tar_error), count_records(counter)]
-    if training:
-        stages.append(shuffled_samples(shuffle_buffer, seed, epoch))
-    stages += [
-        _prepared(prepare, counter),
-        wds.batched(batch_size, collation_fn=collate, partial=not training),
-        attach_skipped(counter),
-    ]
-    return wds.DataPipeline(*stages)
-
-
-def _prepared(
+def raw_record_stage(
     prepare: Callable[[dict], dict], counter: SkipCounter
 ) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """``shard_pipeline``'s sample stage for control shards: ``prepare`` gets the tar record as read; records
+    it refuses (:class:`CorruptSample`) are skipped and counted."""
+
     def stage(records: Iterable[dict]) -> Iterator[dict]:
         for record in records:
             try:
@@ -389,7 +350,7 @@ class ControlShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world_size = self.trainer.world_size if self.trainer else 1
         batches = max(1, self.num_train_samples() // (self.hparams.batch_size * world_size))
-        pipeline = control_shard_pipeline(
+        pipeline = shard_pipeline(
             self.shards("train"),
             self.prepare,
             self.collate,
@@ -400,6 +361,7 @@ class ControlShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.hparams.shuffle_buffer,
             resample=self.hparams.resample,
             skip_policy=self.skip_policy,
+            sample_stage=raw_record_stage,  # the record as read: its control.png is no part of a decoded sample
         )
         # Every worker's share adds up to `batches`: the same number of steps on every rank (see datamodule.py).
         return self._loader(SizedPipeline(pipeline.compose(worker_share(batches)), batches))
@@ -414,13 +376,14 @@ class ControlShardDataModule(L.LightningDataModule):
         """Every record of ``split`` once, in order."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        pipeline = control_shard_pipeline(
+        pipeline = shard_pipeline(
             self.shards(split),
             self.prepare,
             self.collate,
             self.hparams.eval_batch_size or self.hparams.batch_size,
             training=False,
             skip_policy=self.skip_policy,
+            sample_stage=raw_record_stage,  # the record as read: its control.png is no part of a decoded sample
         )
         return self._loader(pipeline)
 

@@ -355,8 +355,13 @@ def shard_pipeline(
     shuffle_buffer: int = 1000,
     resample: bool = False,
     skip_policy: SkipPolicy | None = None,
+    sample_stage: Callable[[Callable, SkipCounter], Callable] | None = None,
 ) -> wds.DataPipeline:
     """Training: (resampled | epoch-shuffled, repeated) shards -> split by node/worker -> shuffle -> batch.
+
+    ``sample_stage(prepare, counter)`` turns tar records into samples; by default :func:`decode_stage` (each
+    record decoded into a :class:`WebtoonSample` for ``prepare``), a stage of raw records for data with members
+    of its own (control images).
 
     Evaluation reads every sample exactly once across all ranks and workers and keeps the last partial
     batch. Training repeats its shards endlessly; the caller bounds an epoch with :func:`worker_share` so
@@ -378,7 +383,7 @@ def shard_pipeline(
     if training:
         stages.append(shuffled_samples(shuffle_buffer, seed, epoch))
     stages += [
-        decode_stage(prepare, counter),
+        (sample_stage or decode_stage)(prepare, counter),
         wds.batched(batch_size, collation_fn=collate, partial=not training),
         attach_skipped(counter),
     ]
