@@ -41,12 +41,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [
-        cb
-        for cb in instantiate_callbacks(cfg.get("callbacks"))
-        if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
+        cb for cb in instantiate_callbacks(cfg) if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
     ]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.get("logger")) or False
+        cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg) or False
     )
 
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -36,22 +36,15 @@ class TrainedParameterSnapshot(L.Callback):
             self.first_batch = batch
 
 
-class LastCheckpointSteps(L.Callback):
-    """Records, after every training batch, the global step held by ``last.ckpt`` in ``dirpath`` (None: none)."""
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process as training step ``step`` (a global step) is about to run: a crash at a known point."""
 
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = dirpath
-        self.seen: list[tuple[int, int | None]] = []
+    def __init__(self, step: int) -> None:
+        self.step = step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from pathlib import Path
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal
 
-        import torch
-
-        last = Path(self.dirpath) / "last.ckpt"
-        step = (
-            torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-            if last.is_file()
-            else None
-        )
-        self.seen.append((trainer.global_step, step))
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

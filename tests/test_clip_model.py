@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,7 +144,9 @@ def test_schedule_warms_up_then_follows_a_cosine_to_the_minimum():
     assert config["lr_scheduler"]["interval"] == "step"
 
 
-def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, caplog):
+def test_wandb_logger_goes_offline_without_an_api_key_and_a_resumed_run_keeps_its_run_id(
+    tmp_path, monkeypatch, caplog
+):
     from omegaconf import OmegaConf
 
     from src.utils.run import instantiate_loggers
@@ -150,22 +154,39 @@ def test_wandb_logger_goes_offline_without_an_api_key(tmp_path, monkeypatch, cap
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
-    cfg = OmegaConf.create(
-        {
-            "wandb": {
-                "_target_": "lightning.pytorch.loggers.wandb.WandbLogger",
-                "project": "webtoon-lab-test",
-                "save_dir": str(tmp_path),
-            }
+
+    def run_config(run_dir: Path, ckpt_path: str | None):
+        logger = {
+            "_target_": "lightning.pytorch.loggers.wandb.WandbLogger",
+            "project": "webtoon-lab-test",
+            "save_dir": str(tmp_path),
+            "resume": "allow",
         }
-    )
+        return OmegaConf.create(
+            {"logger": {"wandb": logger}, "paths": {"output_dir": str(run_dir)}, "ckpt_path": ckpt_path}
+        )
+
     with caplog.at_level("WARNING"):
-        (logger,) = instantiate_loggers(cfg)
+        (logger,) = instantiate_loggers(run_config(tmp_path / "first", None))
     assert "offline" in caplog.text and "WANDB_API_KEY" in caplog.text
     logger.log_metrics({"train/loss": 1.5}, step=0)
+    run_id = logger.experiment.id
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+    # resumed from a checkpoint of that run (into a new directory), or requeued in its own with ckpt_path=last
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.touch()
+    (resumed,) = instantiate_loggers(run_config(tmp_path / "resumed", str(checkpoint)))
+    (requeued,) = instantiate_loggers(run_config(tmp_path / "first", "last"))
+    (fresh,) = instantiate_loggers(run_config(tmp_path / "fresh", None))
+    assert resumed.version == requeued.version == run_id != fresh.version
+    resumed.log_metrics({"train/loss": 1.0}, step=1)
+    resumed.experiment.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)  # `wandb sync` joins them
 
 
 def test_export_refuses_mean_pooling_that_transformers_cannot_reproduce(tmp_path):

@@ -89,42 +89,6 @@ def test_resume_from_last_checkpoint_continues_the_run(trained_run, synthetic_di
     assert resumed["trainer"].global_step == 11 * steps_per_epoch  # one more epoch, not eleven
 
 
-def test_step_checkpoints_write_last_ckpt_mid_epoch_and_a_run_resumes_from_one(synthetic_dir, tmp_path):
-    """callbacks.step_checkpoint.every_n_train_steps=3: last.ckpt holds step 3, 6, 9 as the 10-batch epoch runs,
-    before any validation (the best-keeping callback writes nothing until its metric exists)."""
-    from probes import LastCheckpointSteps
-
-    from train import train
-
-    def run(out: Path, *extra: str) -> tuple[list, L.Trainer]:
-        overrides = demo_overrides(
-            synthetic_dir,
-            "trainer.max_epochs=2",
-            "+trainer.limit_train_batches=10",
-            "callbacks.step_checkpoint.every_n_train_steps=3",
-            "+callbacks.probe._target_=probes.LastCheckpointSteps",
-            f"+callbacks.probe.dirpath={out / 'checkpoints'}",
-            "test=false",
-            "report.untrained=false",
-            *extra,
-        )
-        _, objects = train(compose_config("train.yaml", overrides, out))
-        trainer = objects["trainer"]
-        return next(c for c in trainer.callbacks if isinstance(c, LastCheckpointSteps)).seen, trainer
-
-    seen, trainer = run(tmp_path / "first", "+trainer.max_steps=9")
-    # the probe runs before the checkpoint callbacks: at step g it finds the save of the last multiple of 3 below
-    assert seen == [(g, 3 * ((g - 1) // 3) or None) for g in range(1, 10)]
-    assert trainer.checkpoint_callback.monitor == "val/mrr@10"  # the best-keeping callback stays the first
-    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 9
-    assert not list(last.parent.glob("*.partial"))
-
-    # Stopped at step 9 of its 10-batch epoch, the run resumes at step 10, not 1.
-    seen, trainer = run(tmp_path / "resumed", "+trainer.max_steps=12", f"ckpt_path={last}")
-    assert [g for g, _ in seen] == [10, 11, 12] and trainer.global_step == 12
-
-
 def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synthetic_dir, tmp_path):
     """The documented command: python evaluate.py experiment=clip_demo ckpt_path=... export_dir=DIR."""
     from PIL import Image

@@ -171,9 +171,18 @@ def test_random_flip_mirrors_the_pixels_and_keys_them(tmp_path):
     dataset = CaptionedImageDataset(
         read_captioned_images(tmp_path)[0], resolution=16, random_flip=True, fallback_captions=["x"]
     )
-    torch.manual_seed(0)
-    items = {item["cache_key"]: item["pixel_values"] for item in (dataset[0] for _ in range(20))}
-    assert sorted(items) == [0, 1]  # unflipped and flipped both drawn, each with its own key
+    items = {}
+    for epoch in range(20):
+        dataset.epoch.set(epoch)
+        item = dataset[0]
+        assert torch.equal(
+            dataset[0]["pixel_values"], item["pixel_values"]
+        )  # drawn from (seed, epoch, index)
+        items[item["cache_key"]] = item["pixel_values"]
+    assert sorted(items) == [
+        0,
+        1,
+    ]  # over the epochs unflipped and flipped are both drawn, each with its own key
     assert torch.equal(items[1], items[0].flip(-1))
     assert items[0][0, 0, 0] == 1.0 and items[1][0, 0, 0] == -1.0  # red left, then red right
 

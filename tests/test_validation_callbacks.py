@@ -165,11 +165,12 @@ def test_finetune_callbacks_compose_and_instantiate(tmp_path):
     from hydra_runs import compose_config
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from src.callbacks.seeding import StepSeeds
     from src.callbacks.step_checkpoint import StepCheckpoint
     from src.utils.run import instantiate_callbacks
 
     cfg = compose_config("train.yaml", ["callbacks=finetune"], tmp_path)
-    callbacks = {type(c): c for c in instantiate_callbacks(cfg.callbacks)}
+    callbacks = {type(c): c for c in instantiate_callbacks(cfg)}
 
     assert set(callbacks) == {
         ModelCheckpoint,
@@ -177,7 +178,9 @@ def test_finetune_callbacks_compose_and_instantiate(tmp_path):
         LearningRateMonitor,
         ValidationPromptGrid,
         ResourceMonitor,
+        StepSeeds,  # every preset: a step's draws follow from the run's seed and the step
     }
+    assert callbacks[StepSeeds].seed == cfg.seed
     assert callbacks[StepCheckpoint].every_n_train_steps == 0  # off unless asked for
     checkpoint = callbacks[ModelCheckpoint]
     assert checkpoint.monitor is None and checkpoint.save_last and checkpoint._every_n_train_steps == 500

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import random
 import tarfile
 import warnings
 from collections import Counter
@@ -39,16 +38,17 @@ from src.data.datamodule import WORKER_START
 from src.data.pipeline import (
     SKIPPED_KEY,
     CorruptSample,
-    SharedEpoch,
     SizedPipeline,
     SkipCounter,
     SkipPolicy,
     choose_caption,
     decode_record,
+    draw_rng,
     expand_shards,
     shard_pipeline,
     worker_share,
 )
+from src.data.position import ResumableLoader, TrainingPosition
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS
 from src.data.shards import count_records as count_shard_records
@@ -285,7 +285,7 @@ class ControlShardDataModule(L.LightningDataModule):
         self.builders = {name: build for name, build in (builders or {}).items() if build is not None}
         self.skip_policy = SkipPolicy(**(skip_policy or {}))
         self.resize_crop = Preprocess(image_size=resolution).image_transform()
-        self.epoch = SharedEpoch()
+        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
         self.skipped: Counter[str] = Counter()
 
     def prepare_data(self) -> None:
@@ -315,10 +315,18 @@ class ControlShardDataModule(L.LightningDataModule):
 
     # --- per record (in the loader workers) ---------------------------------------------------------------
 
-    def prepare(self, record: dict) -> dict[str, Any]:
-        """A raw record -> ``{"pixels", "control"}`` (uint8 [3, S, S]), ``caption``, ``key``."""
+    def prepare_train(self, record: dict) -> dict[str, Any]:
+        return self.prepare(record, self.position.epoch.get())
+
+    def prepare_eval(self, record: dict) -> dict[str, Any]:
+        return self.prepare(record, "evaluation")  # one fixed caption per image
+
+    def prepare(self, record: dict, draw: int | str) -> dict[str, Any]:
+        """A raw record -> ``{"pixels", "control"}`` (uint8 [3, S, S]), ``caption``, ``key``; the caption is
+        drawn from (seed, ``draw``, key): the same however the run got here."""
         sample = decode_record(record)
-        caption, _ = choose_caption(sample, self.hparams.languages, random)
+        rng = draw_rng(self.hparams.seed, draw, sample.key)
+        caption, _ = choose_caption(sample, self.hparams.languages, rng)
         pixels = self.resize_crop(sample.image)
         if CONTROL_KEY in record:
             try:
@@ -352,19 +360,20 @@ class ControlShardDataModule(L.LightningDataModule):
         batches = max(1, self.num_train_samples() // (self.hparams.batch_size * world_size))
         pipeline = shard_pipeline(
             self.shards("train"),
-            self.prepare,
+            self.prepare_train,
             self.collate,
             self.hparams.batch_size,
             training=True,
             seed=self.hparams.seed,
-            epoch=self.epoch,
+            epoch=self.position.epoch,
             shuffle_buffer=self.hparams.shuffle_buffer,
             resample=self.hparams.resample,
             skip_policy=self.skip_policy,
             sample_stage=raw_record_stage,  # the record as read: its control.png is no part of a decoded sample
         )
         # Every worker's share adds up to `batches`: the same number of steps on every rank (see datamodule.py).
-        return self._loader(SizedPipeline(pipeline.compose(worker_share(batches)), batches))
+        # each epoch's draws follow from its number; a resumed epoch drops the batches already trained
+        return self._loader(SizedPipeline(pipeline.compose(worker_share(batches)), batches), self.position)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
@@ -378,7 +387,7 @@ class ControlShardDataModule(L.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         pipeline = shard_pipeline(
             self.shards(split),
-            self.prepare,
+            self.prepare_eval,
             self.collate,
             self.hparams.eval_batch_size or self.hparams.batch_size,
             training=False,
@@ -387,10 +396,13 @@ class ControlShardDataModule(L.LightningDataModule):
         )
         return self._loader(pipeline)
 
-    def _loader(self, pipeline: wds.DataPipeline) -> DataLoader:
+    def _loader(
+        self, pipeline: wds.DataPipeline, position: TrainingPosition | None = None
+    ) -> ResumableLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return ResumableLoader(
             pipeline,
+            position=position,
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -404,11 +416,13 @@ class ControlShardDataModule(L.LightningDataModule):
             self.skipped.update(skipped)
             log.warning("Data: skipped so far %s", dict(self.skipped))
         if self.trainer is not None and self.trainer.training:
-            self.epoch.set(self.trainer.current_epoch + 1)  # a new shard order for the next epoch's workers
+            self.position.batch_trained()
         return batch
 
     def state_dict(self) -> dict:
-        return {"skipped": dict(self.skipped)}
+        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"skipped": dict(self.skipped), "position": self.position.state_dict(batches)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = Counter(state_dict.get("skipped", {}))
+        self.position.load_state_dict(state_dict.get("position", {}))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,17 +18,18 @@ from torch.utils.data import DataLoader
 
 from src.data.pipeline import (
     SKIPPED_KEY,
-    SharedEpoch,
     SizedPipeline,
     SkipPolicy,
     choose_caption,
     describe_skips,
+    draw_rng,
     expand_shards,
     feature_row,
     features_of,
     shard_pipeline,
     worker_share,
 )
+from src.data.position import ResumableLoader, TrainingPosition
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import read_sizes
@@ -45,7 +45,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
     """Reads the shards of ``root`` (or ``{train,val,test}_shards``) into batches for every module.
 
     A training batch holds ``image`` [B,3,H,W], ``caption`` (one random caption per image, drawn anew
-    each epoch from ``languages``), ``key``, and when the model's preprocessing names a tokenizer,
+    each epoch from ``languages``; an evaluation batch's is fixed per image), ``key``, and when the model's preprocessing names a tokenizer,
     ``input_ids``/``attention_mask``. With ``text_features=True`` it also holds the caption's precomputed
     vector ``text_features`` and ``wrong_text_features``, the vector of another sample's caption (the GAN's
     mismatched text). Evaluation batches also carry every caption of every image (``all_captions`` and their
@@ -92,7 +92,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
         self.builders = {name: build for name, build in (builders or {}).items() if build is not None}
         self.shards = {split: self._shards_of(split) for split in SPLITS}
         self.transform = self.preprocess.image_transform()
-        self.epoch = SharedEpoch()
+        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
         self.skipped: Counter[str] = Counter()
         self._delivered = 0
         self._last_summary: tuple[float, int] | None = None
@@ -137,14 +137,18 @@ class WebtoonShardDataModule(L.LightningDataModule):
 
     # ---- per-sample preparation (runs in the DataLoader workers) -----------------------------------
     def _prepare_train(self, sample: WebtoonSample) -> dict:
-        caption, row = choose_caption(sample, self.hparams.languages, random)
+        return self._prepare(sample, self.position.epoch.get())
+
+    def _prepare(self, sample: WebtoonSample, draw: int | str) -> dict:
+        rng = draw_rng(self.hparams.seed, draw, sample.key)  # the same caption however the run got here
+        caption, row = choose_caption(sample, self.hparams.languages, rng)
         item = {"image": self.transform(sample.image), "caption": caption, "key": sample.key}
         if self.hparams.text_features:
             item["text_features"] = features_of(sample, [row])[0]
         return item
 
     def _prepare_eval(self, sample: WebtoonSample) -> dict:
-        item = self._prepare_train(sample)
+        item = self._prepare(sample, "evaluation")  # one fixed caption per image: metrics repeat exactly
         captions = sample.captions(self.hparams.languages)
         item["all_captions"] = captions
         item["all_languages"] = [lang for lang in self.hparams.languages for _ in sample.captions([lang])]
@@ -202,7 +206,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
             self.hparams.batch_size,
             training=True,
             seed=self.hparams.seed,
-            epoch=self.epoch,
+            epoch=self.position.epoch,
             shuffle_buffer=self.hparams.shuffle_buffer,
             resample=self.hparams.resample,
             skip_policy=self.skip_policy,
@@ -211,7 +215,8 @@ class WebtoonShardDataModule(L.LightningDataModule):
         # whatever the shard sizes (open_clip's recipe), and Lightning knows the epoch length
         # (progress bar, schedules over estimated_stepping_batches).
         pipeline = SizedPipeline(pipeline.compose(worker_share(batches)), batches)
-        return self._loader(pipeline, self.hparams.num_workers)
+        # each epoch's draws follow from its number; a resumed epoch drops the batches already trained
+        return self._loader(pipeline, self.hparams.num_workers, self.position)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")
@@ -231,10 +236,11 @@ class WebtoonShardDataModule(L.LightningDataModule):
         )
         return self._loader(pipeline, self.hparams.num_workers)
 
-    def _loader(self, pipeline, workers: int) -> DataLoader:
+    def _loader(self, pipeline, workers: int, position: TrainingPosition | None = None) -> ResumableLoader:
         _ = self.tokenizer  # load once here, not in every worker
-        return DataLoader(
+        return ResumableLoader(
             pipeline,
+            position=position,
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -260,8 +266,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
         if skipped or self._last_summary is not None:
             self._summarise_skips()
         if self.trainer is not None and self.trainer.training:
-            # Workers of the next epoch read this when they start: a new shard order every epoch.
-            self.epoch.set(self.trainer.current_epoch + 1)
+            self.position.batch_trained()
         return batch
 
     def _summarise_skips(self) -> None:
@@ -282,10 +287,12 @@ class WebtoonShardDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        return {"skipped": dict(self.skipped)}
+        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"skipped": dict(self.skipped), "position": self.position.state_dict(batches)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = Counter(state_dict.get("skipped", {}))
+        self.position.load_state_dict(state_dict.get("position", {}))
 
 
 def batch_size(batch: dict) -> int:

@@ -26,10 +26,12 @@ import torch
 import torchvision.transforms.functional as TF
 import webdataset as wds
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.data.pipeline import CorruptSample, decode_record, describe_skips
+from src.data.position import ResumableLoader, SharedEpoch, TrainingPosition
 from src.data.schema import IMAGE_EXTENSIONS, LANGUAGES
+from src.utils.seeding import derived_seed
 from src.utils.workers import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -219,7 +221,8 @@ class CaptionedImageDataset(Dataset):
     The caption is ``instance_prompt`` when set (DreamBooth), else the image's own (its captions in turn over
     the repeats), else one of ``fallback_captions`` by item index (Textual Inversion's templates).
     ``cache_key`` is ``key_offset + 2 * image_index + flipped``, or -1 under random crops, whose pixels differ
-    every time and must not be served from a latent cache.
+    every time and must not be served from a latent cache. Crops and flips are drawn from (``seed``, the epoch in
+    ``epoch``, item index): the same however the run got to that epoch, in any loader worker.
     """
 
     def __init__(
@@ -234,6 +237,8 @@ class CaptionedImageDataset(Dataset):
         instance_prompt: str | None = None,
         fallback_captions: Sequence[str] = ("a photo of *",),
         key_offset: int = 0,
+        seed: int = 0,
+        epoch: SharedEpoch | None = None,
     ):
         if repeats < 1 or resolution < 1:
             raise ValueError(f"repeats and resolution must be >= 1, got {repeats} and {resolution}")
@@ -246,6 +251,8 @@ class CaptionedImageDataset(Dataset):
         self.instance_prompt = instance_prompt
         self.fallback_captions = list(fallback_captions or ())
         self.key_offset = key_offset
+        self.seed = seed
+        self.epoch = epoch or SharedEpoch()
         self.fallback_names: set[str] = set()
         uncaptioned = sum(1 for i in self.indices if not self.images[i].captions)
         if instance_prompt is None and uncaptioned and not self.fallback_captions:
@@ -261,7 +268,10 @@ class CaptionedImageDataset(Dataset):
         repeat, position = divmod(index, len(self.indices))
         image_index = self.indices[position]
         image = self.images[image_index]
-        pixel_values, flipped = self.pixels(image.open())
+        draws = torch.Generator().manual_seed(
+            derived_seed(self.seed, self.epoch.get(), self.key_offset, index)
+        )
+        pixel_values, flipped = self.pixels(image.open(), draws)
         cache_key = self.key_offset + 2 * image_index + int(flipped) if self.center_crop else -1
         return {
             "pixel_values": pixel_values,
@@ -292,17 +302,17 @@ class CaptionedImageDataset(Dataset):
             raise ValueError("use_fallback_captions needs data.fallback_captions, and none are set.")
         self.fallback_names |= set(names)
 
-    def pixels(self, image: Image.Image) -> tuple[torch.Tensor, bool]:
+    def pixels(self, image: Image.Image, draws: torch.Generator | None = None) -> tuple[torch.Tensor, bool]:
         """Shorter side resized to the resolution, cropped square, maybe flipped -> float32 [3,R,R] in [-1, 1]."""
         size = self.resolution
         image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         if self.center_crop:
             image = TF.center_crop(image, [size, size])
         else:
-            top = int(torch.randint(0, image.height - size + 1, ()))
-            left = int(torch.randint(0, image.width - size + 1, ()))
+            top = int(torch.randint(0, image.height - size + 1, (), generator=draws))
+            left = int(torch.randint(0, image.width - size + 1, (), generator=draws))
             image = TF.crop(image, top, left, size, size)
-        flipped = self.random_flip and bool(torch.rand(()) < 0.5)
+        flipped = self.random_flip and bool(torch.rand((), generator=draws) < 0.5)
         if flipped:
             image = TF.hflip(image)
         return TF.pil_to_tensor(image).float() / 127.5 - 1.0, flipped
@@ -373,6 +383,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.prior_preservation = PriorPreservation(**prior_preservation) if prior_preservation else None
         self.train_dataset: Dataset | None = None
         self.skipped: Counter[str] = Counter()
+        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
 
     def prepare_data(self) -> None:
         """Generate the missing class images once; reruns find them in ``class_dir`` and reuse them."""
@@ -401,7 +412,12 @@ class CaptionedImageDataModule(L.LightningDataModule):
         log.info(
             "Found %d images in %s (skipped: %s)", len(images), hp.image_dir, describe_skips(self.skipped)
         )
-        crop_and_flip = {"center_crop": hp.center_crop, "random_flip": hp.random_flip}
+        crop_and_flip = {
+            "center_crop": hp.center_crop,
+            "random_flip": hp.random_flip,
+            "seed": hp.seed,
+            "epoch": self.position.epoch,
+        }
         instance = CaptionedImageDataset(
             images,
             resolution=hp.resolution,
@@ -443,14 +459,28 @@ class CaptionedImageDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("Call setup() before train_dataloader() (the trainer does).")
         workers = self.hparams.num_workers
-        return DataLoader(
+        return ResumableLoader(
             self.train_dataset,
+            position=self.position,
+            position_seed=self.hparams.seed,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            # its generator is re-seeded from (seed, epoch) as each epoch starts
+            sampler=RandomSampler(self.train_dataset, generator=torch.Generator()),
             collate_fn=collate_captioned,
             num_workers=workers,
             persistent_workers=workers > 0,
             worker_init_fn=die_with_parent if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:
+            self.position.batch_trained()
+        return batch
+
+    def state_dict(self) -> dict:
+        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"position": self.position.state_dict(batches)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.position.load_state_dict(state_dict.get("position", {}))

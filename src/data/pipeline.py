@@ -14,7 +14,6 @@ import io
 import itertools
 import json
 import logging
-import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from src.data.position import SharedEpoch
 from src.data.schema import IMAGE_EXTENSIONS, WebtoonSample, decode_npy
+from src.utils.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +147,6 @@ class SkipCounter:
     def drain(self) -> dict[str, int]:
         counts, self.pending = dict(self.pending), Counter()
         return counts
-
-
-class SharedEpoch:
-    """An epoch number shared with DataLoader workers, so shard order changes every epoch (as in open_clip)."""
-
-    def __init__(self, epoch: int = 0):
-        # A spawn-context lock: it also crosses into `ddp_spawn` processes, which a fork-context one may not.
-        self.value = multiprocessing.get_context("spawn").Value("i", epoch)
-
-    def set(self, epoch: int) -> None:
-        self.value.value = epoch
-
-    def get(self) -> int:
-        return self.value.value
 
 
 def expand_shards(patterns: str | Path | Iterable[str | Path]) -> list[str]:
@@ -298,15 +285,33 @@ def stop_on_empty_passes(
 def shuffled_samples(
     bufsize: int, seed: int, epoch: SharedEpoch
 ) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """webdataset's buffer shuffle, seeded per worker and epoch (torch gives each worker its own seed)."""
+    """webdataset's buffer shuffle, seeded from (seed, epoch, rank, worker): the same order however the run got
+    to this epoch (a resumed run's fresh workers included)."""
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
-        import torch
-
-        rng = random.Random(wds.utils.make_seed(seed, epoch.get(), torch.initial_seed()))
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(derived_seed(seed, "samples", epoch.get(), rank, worker))
         yield from wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(iter(samples))
 
     return stage
+
+
+def resampled_shards(seed: int, epoch: SharedEpoch) -> Callable[[Iterable[str]], Iterator[str]]:
+    """Shards drawn with replacement, endlessly, in an order set by (seed, epoch) (webdataset's
+    ``ResampledShards`` counts epochs itself, from 0 again in a resumed run)."""
+
+    def stage(urls: Iterable[str]) -> Iterator[str]:
+        urls = list(urls)
+        rng = random.Random(derived_seed(seed, "shards", epoch.get()))
+        while urls:
+            yield rng.choice(urls)
+
+    return stage
+
+
+def draw_rng(*parts: object) -> random.Random:
+    """A generator for one sample's draws, seeded from where they happen (e.g. seed, epoch, sample key)."""
+    return random.Random(derived_seed(*parts))
 
 
 def worker_share(num_batches: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
@@ -371,7 +376,7 @@ def shard_pipeline(
     counter = SkipCounter(skip_policy)
     epoch = epoch or SharedEpoch()
     if training and resample:
-        stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        stages: list = [wds.SimpleShardList(urls), resampled_shards(seed, epoch)]
     elif training:
         stages = [wds.SimpleShardList(urls), shuffled_shards(seed, epoch), repeat_shards]
     else:

@@ -111,9 +111,10 @@ class SyntheticEdgesDataModule(GeneratedSplitsDataModule):
         num_samples: int = 5000,
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
         seed: int = 0,
+        shuffle_seed: int = 0,
     ) -> None:
-        """``seed``: the scenes drawn (the synthetic shards' ``data.builders.dataset.seed``); the training order
-        follows the run's seed."""
+        """``seed``: the scenes drawn (the synthetic shards' ``data.builders.dataset.seed``); ``shuffle_seed``:
+        the training order (the run's seed in the configs)."""
         super().__init__()
         if image_size < 1 or batch_size < 1:
             raise ValueError(

@@ -6,7 +6,9 @@ import json
 import logging
 import math
 import os
+import secrets
 import socket
+import string
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ def apply_extras(cfg: DictConfig) -> None:
         # the training pipeline sets its length on purpose: each worker yields an exact share of the epoch
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
+        # the DataModules restore their loaders' position themselves (src/data/position.py)
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.data")
         # FLOP/s need a per-model FLOP count; batches/s and samples/s are what the monitor is used for here
         warnings.filterwarnings("ignore", message=".*define a `flops_per_batch` attribute.*")
@@ -59,18 +63,24 @@ def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
     OmegaConf.save(cfg, Path(output_dir) / "config.yaml", resolve=True)
 
 
-def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list:
+def instantiate_callbacks(cfg: DictConfig) -> list:
+    """The configured callbacks, and the one that seeds every step from ``cfg.seed`` (exact resume, repeatable
+    evaluation), which no callback preset leaves out."""
     from hydra.utils import instantiate
 
-    return [instantiate(cb) for cb in (callbacks_cfg or {}).values() if cb and "_target_" in cb]
+    from src.callbacks.seeding import StepSeeds
+
+    configured = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb and "_target_" in cb]
+    return [*configured, StepSeeds(cfg.seed)]
 
 
-def instantiate_loggers(logger_cfg: DictConfig | None) -> list:
-    """Instantiate the configured loggers; W&B goes offline with a one-line notice when it cannot reach its server."""
+def instantiate_loggers(cfg: DictConfig) -> list:
+    """Instantiate the configured loggers; W&B goes offline with a one-line notice when it cannot reach its server,
+    and a resumed run logs into the W&B run it resumes (:func:`wandb_run_id`)."""
     from hydra.utils import instantiate
 
     loggers = []
-    for name, spec in (logger_cfg or {}).items():
+    for name, spec in (cfg.get("logger") or {}).items():
         if not spec or "_target_" not in spec:
             continue
         if "WandbLogger" in spec._target_:
@@ -80,9 +90,36 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list:
                     "W&B logs offline (%s); upload later with `wandb sync %s`.", reason, spec.save_dir
                 )
                 spec = OmegaConf.merge(spec, {"offline": True})
+            if spec.get("id") is None:
+                spec = OmegaConf.merge(spec, {"id": wandb_run_id(cfg)})
         loggers.append(instantiate(spec))
         log.info("Logger %s ready", name)
     return loggers
+
+
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(cfg: DictConfig) -> str:
+    """The W&B run id of this run: the one of the run it resumes (``ckpt_path`` inside that run's directory, or
+    ``last`` in a requeued run's own directory), else a new one; kept in the run directory for the next resume."""
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = cfg.get("ckpt_path")
+    resumed_dir = None
+    if ckpt_path == "last":
+        resumed_dir = output_dir
+    elif ckpt_path and Path(ckpt_path).is_file():
+        resumed_dir = Path(ckpt_path).resolve().parent.parent  # <run>/checkpoints/<name>.ckpt
+    saved = resumed_dir / WANDB_RUN_ID_FILE if resumed_dir else None
+    run_id = saved.read_text().strip() if saved and saved.is_file() else new_run_id()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / WANDB_RUN_ID_FILE).write_text(run_id + "\n")
+    return run_id
+
+
+def new_run_id() -> str:
+    """8 characters of [a-z0-9], W&B's own id format (its generator is private and moved between versions)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def wandb_offline_reason(host: str = "api.wandb.ai", timeout: float = 2.0) -> str | None:
@@ -176,9 +213,7 @@ def evaluate_untrained(cfg: DictConfig, model: Any, datamodule: Any) -> dict[str
     from hydra.utils import instantiate
 
     callbacks = [
-        cb
-        for cb in instantiate_callbacks(cfg.get("callbacks"))
-        if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
+        cb for cb in instantiate_callbacks(cfg) if not isinstance(cb, L.pytorch.callbacks.Checkpoint)
     ]
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False
