@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra_runs import ROOT, compose_config, synthetic_samples
