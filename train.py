@@ -73,10 +73,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
+    return optimized_value(cfg, metrics)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimizes. In a sweep a missing metric stops the trial with a message: a sweeper given
+    None aborts the study with an error that names no metric (Optuna) or ranks nothing (the grid)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        log.warning("optimized_metric %s was not logged; the sweeper gets None", name)
-    return metrics.get(name) if name else None
+    if not name:
+        return None
+    if name in metrics:
+        return metrics[name]
+    message = (
+        f"optimized_metric={name} was not logged by this run; logged: {', '.join(sorted(metrics)) or 'nothing'}. "
+        "Set optimized_metric (the hparams_search config does) to one of them, or enable what logs it."
+    )
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise KeyError(message)
+    log.warning(message)
+    return None
 
 
 if __name__ == "__main__":

@@ -120,3 +120,22 @@ def tiny_clip_demo_overrides(synthetic_dir: Path, run_dir: Path) -> list[str]:
         "extras.print_config=false",
         f"hydra.run.dir={run_dir}",
     ]
+
+
+def execute_notebook(name: str, run_dir: Path) -> None:
+    """Run ``notebooks/<name>.ipynb`` as CI does, through nbmake, its ``run_dir`` parameter set by
+    ``WEBTOON_LAB_RUN_DIR``; every cell must run."""
+    import os
+    import subprocess
+    import sys
+
+    notebook = ROOT / "notebooks" / f"{name}.ipynb"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbmake", "-p", "no:cacheprovider", "-q", str(notebook)],
+        cwd=ROOT,
+        env={**os.environ, "WEBTOON_LAB_RUN_DIR": str(run_dir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra_runs import BENCHMARKS, compose_plain
+from hydra_runs import BENCHMARKS, compose_plain, execute_notebook
 from test_clip_score import write_tiny_clip
 from tiny_sd import build_tiny_stable_diffusion, write_image_folder
 
@@ -150,6 +150,7 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
     assert trained == [("hypernetwork", [3])]
     assert sorted(c.method for c in judged) == ["hypernetwork", "lora"]
     assert (stopped / "export" / "finetune.json").is_file()
+    execute_notebook("finetune_comparison", out)  # the comparison notebook reads this benchmark's outputs
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra_runs import ROOT, compose_config, compose_plain, experiment_overrides
+from hydra_runs import ROOT, compose_config, compose_plain, execute_notebook, experiment_overrides
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,7 @@ def test_generate_needs_only_the_checkpoint(dcgan_run, tmp_path):
         assert (first == np.array(Image.open(tmp_path / "again" / name))).all()
     # Same noise for every caption; different noise across a caption's images.
     assert not torch.equal(images[0, 0], images[0, 1])
+
+
+def test_the_dcgan_notebook_draws_from_a_run_directory(dcgan_run):
+    execute_notebook("dcgan_samples", dcgan_run[0])

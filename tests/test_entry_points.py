@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra_runs import ROOT, compose_config, synthetic_samples
+from hydra_runs import ROOT, compose_config, execute_notebook, synthetic_samples
 
 
 def demo_overrides(synthetic_dir: Path, *extra: str) -> list[str]:
@@ -45,6 +45,10 @@ def test_train_writes_config_checkpoints_and_metrics(trained_run):
     assert "val/mrr@10" in metrics and "train/loss" in metrics
     for name in ("pca.png", "retrieval_grid.png", "similarity.md", "image_index.safetensors"):
         assert (out / "analyses" / name).is_file()
+
+
+def test_the_clip_notebook_runs_on_a_run_directory(trained_run):
+    execute_notebook("explore_clip", trained_run[0])
 
 
 def test_a_short_demo_run_beats_chance_and_its_untrained_self(trained_run):

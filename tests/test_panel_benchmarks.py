@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra_runs import compose_plain
+from hydra_runs import compose_plain, execute_notebook
 from test_panels import models  # noqa: F401  (the tiny CLIP, index and depth model, a module fixture)
 
 # the Inception's settings replaced, not merged into
@@ -69,3 +69,5 @@ def test_story_benchmarks_compare_the_consistency_options(name, models, tmp_path
     table = (out / "strips.md").read_text()
     assert ("7.14" in table) == (name == "stories_coco")  # the thesis' IS only beside its own setting
     assert (out / "strip_shared_attention_0.png").is_file()
+    if name == "stories_demo":
+        execute_notebook("story_strips", out)

@@ -117,3 +117,18 @@ def strongly_connected(nodes: set[str], edges: dict[str, set[str]]) -> list[list
 def test_the_circle_finder_finds_circles(edges, circular):
     nodes = set(edges) | {t for targets in edges.values() for t in targets}
     assert any(len(c) > 1 for c in strongly_connected(nodes, edges)) is circular
+
+
+def test_notebooks_are_kept_without_outputs():
+    """nbstripout --verify: outputs and execution counts stay out of git (CI runs the notebooks instead)."""
+    import subprocess
+    import sys
+
+    notebooks = sorted(str(p) for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 4
+    result = subprocess.run(
+        [sys.executable, "-m", "nbstripout", "--verify", *notebooks], capture_output=True, text=True
+    )
+    assert result.returncode == 0, (
+        f"notebooks with outputs (run nbstripout on them): {result.stdout}{result.stderr}"
+    )

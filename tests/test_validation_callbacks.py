@@ -165,9 +165,9 @@ def test_finetune_callbacks_compose_and_instantiate(tmp_path):
     from hydra_runs import compose_config
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from src.callbacks.seeding import StepSeeds
     from src.callbacks.step_checkpoint import StepCheckpoint
     from src.utils.run import instantiate_callbacks
+    from src.utils.seeding import StepSeeds
 
     cfg = compose_config("train.yaml", ["callbacks=finetune"], tmp_path)
     callbacks = {type(c): c for c in instantiate_callbacks(cfg)}

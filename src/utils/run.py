@@ -68,7 +68,7 @@ def instantiate_callbacks(cfg: DictConfig) -> list:
     evaluation), which no callback preset leaves out."""
     from hydra.utils import instantiate
 
-    from src.callbacks.seeding import StepSeeds
+    from src.utils.seeding import StepSeeds
 
     configured = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb and "_target_" in cb]
     return [*configured, StepSeeds(cfg.seed)]

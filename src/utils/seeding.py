@@ -4,6 +4,14 @@ A random draw seeded from where it happens, rather than from whatever state a ge
 the same however the run got there: uninterrupted, or killed and resumed from a checkpoint with fresh loader
 workers; with any number of workers. ``hash()`` cannot derive them: Python salts the hashes of strings per
 process.
+
+:class:`StepSeeds` applies this to a model's own draws (dropout, diffusion noise and timesteps, a GAN's latent
+vectors), which come from the main process's global generators. Lightning saves no generator state, and what draws
+from them between two steps differs between an uninterrupted run and a resumed one (a resumed run builds fresh
+loader iterators and sanity-checks first). Seeding each step from (seed, epoch, batch index, rank) makes a step's
+draws a function of where the step is, so a run resumed from any checkpoint continues exactly as the uninterrupted
+run did, with nothing to save; seeding each evaluation from (seed, stage) makes evaluating a checkpoint twice give
+the same numbers.
 """
 
 from __future__ import annotations
@@ -11,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import random
 
+import lightning as L
 import numpy as np
 import torch
 
-__all__ = ["derived_seed", "seed_all"]
+__all__ = ["StepSeeds", "derived_seed", "seed_all"]
 
 
 def derived_seed(*parts: object) -> int:
@@ -28,3 +37,24 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class StepSeeds(L.Callback):
+    """Re-seeds Python, numpy and torch before every training batch and at the start of every evaluation."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        seed_all(derived_seed(self.seed, "train", trainer.current_epoch, batch_idx, trainer.global_rank))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        # the step it validates at: a validation's draws are the same in a resumed run
+        stage = "sanity" if trainer.sanity_checking else "validate"
+        seed_all(derived_seed(self.seed, stage, trainer.global_step, trainer.global_rank))
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        seed_all(derived_seed(self.seed, "test", trainer.global_rank))
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        seed_all(derived_seed(self.seed, "predict", trainer.global_rank))
