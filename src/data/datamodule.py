@@ -72,10 +72,12 @@ class WebtoonShardDataModule(L.LightningDataModule):
         builders: dict[str, Callable[[], Any]] | None = None,
         precompute_features: dict[str, Any] | None = None,
         pin_memory: bool = True,
+        reduced_decode: bool = True,
     ):
         """``root``: a directory of ``{split}-*.tar`` shards; an explicit ``{split}_shards`` pattern wins.
 
-        ``preprocess`` is the model's (``${model.preprocess}`` in the configs). ``builders`` are called once,
+        ``preprocess`` is the model's (``${model.preprocess}`` in the configs); with ``reduced_decode`` JPEGs
+        larger than twice its image size decode at a reduced scale (PIL's ``draft``), never below that size. ``builders`` are called once,
         in order, before reading, to write inputs that are missing (the demo generates its dataset that way).
         """
         super().__init__()
@@ -210,6 +212,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.hparams.shuffle_buffer,
             resample=self.hparams.resample,
             skip_policy=self.skip_policy,
+            min_decode_size=self.preprocess.image_size if self.hparams.reduced_decode else None,
         )
         # The workers' shares add up to exactly `batches`, so every rank runs the same number of steps
         # whatever the shard sizes (open_clip's recipe), and Lightning knows the epoch length
@@ -233,6 +236,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
             self.hparams.eval_batch_size or self.hparams.batch_size,
             training=False,
             skip_policy=self.skip_policy,
+            min_decode_size=self.preprocess.image_size if self.hparams.reduced_decode else None,
         )
         return self._loader(pipeline, self.hparams.num_workers)
 
