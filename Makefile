@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) train.py experiment=clip_demo
 
 test: $(VENV)/.installed-dev
-	$(PYTHON) -m pytest -n $(TEST_WORKERS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist worksteal
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -177,56 +176,6 @@ def test_unknown_experiment_and_wrong_types_fail_at_once_from_the_command_line()
         timeout=120,
     )
     assert result.returncode != 0 and "trainer.max_epochs='abc'" in result.stderr
-
-
-def test_a_run_killed_with_sigkill_leaves_no_loader_worker_behind(synthetic_dir, tmp_path):
-    """kill -9 of train.py while its loader workers run: the kernel kills them with it (PR_SET_PDEATHSIG).
-    Without it torch's watchdog notices a dead parent only every 5 s, and never in a worker blocked on a full
-    pipe (one stayed 10+ minutes holding 720 MB)."""
-    import psutil
-
-    overrides = demo_overrides(
-        synthetic_dir,
-        "data.num_workers=2",
-        "report.untrained=false",
-        "analyses=false",
-        "extras.print_config=false",
-        f"hydra.run.dir={tmp_path}",
-    )
-    run = subprocess.Popen(
-        [sys.executable, "train.py", *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while len(psutil.Process(run.pid).children(recursive=True)) < 2:
-            assert run.poll() is None, f"train.py ended (exit {run.returncode}) before its workers were seen"
-            assert time.monotonic() < deadline, "no loader worker started within 240 s"
-            time.sleep(0.2)
-        time.sleep(1.0)  # the workers fill their result pipes
-        workers = psutil.Process(run.pid).children(recursive=True)
-        assert run.poll() is None
-        run.kill()
-        run.wait()
-    finally:
-        if run.poll() is None:
-            run.kill()
-
-    def alive(process: psutil.Process) -> bool:
-        try:
-            return process.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, waiting for init to reap it
-        except psutil.NoSuchProcess:
-            return False
-
-    stop = time.monotonic() + 1.5  # the kernel signals at once; the watchdog polls every 5 s
-    while any(alive(worker) for worker in workers) and time.monotonic() < stop:
-        time.sleep(0.1)
-    survivors = [worker.pid for worker in workers if alive(worker)]
-    for pid in survivors:
-        psutil.Process(pid).kill()
-    assert not survivors, f"loader workers outlived their killed parent: {survivors}"
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""A run killed with SIGKILL mid-epoch and resumed from its last checkpoint ends exactly as the uninterrupted run:
-the same final weights and every test metric equal, for CLIP (webdataset shards, two loader workers, a validation
-between epochs) and for Textual Inversion (an image folder with random flips, two loader workers). Evaluating one
-checkpoint twice gives identical metrics."""
+"""A run killed with SIGKILL mid-epoch leaves no loader worker behind and, resumed from its last checkpoint, ends
+exactly as the uninterrupted run: the same final weights and every test metric equal, for CLIP (webdataset shards,
+two loader workers, a validation between epochs) and for Textual Inversion (an image folder with random flips, two
+loader workers). Evaluating one checkpoint twice gives identical metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,41 @@ def finish(run: subprocess.Popen, expect_killed: bool = False) -> None:
         assert run.returncode == 0, stderr[-3000:]
 
 
+def watch_children(run: subprocess.Popen) -> list:
+    """Every child process ``run`` had (its loader workers) until it ended."""
+    import psutil
+
+    seen: dict[int, psutil.Process] = {}
+    while run.poll() is None:
+        try:
+            seen.update({child.pid: child for child in psutil.Process(run.pid).children(recursive=True)})
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    return list(seen.values())
+
+
+def assert_all_died(processes: list) -> None:
+    """A killed run leaves nothing behind: its loader workers die with it (PR_SET_PDEATHSIG). Without it torch's
+    watchdog notices a dead parent only every 5 s, and never in a worker blocked on a full pipe (one stayed 10+
+    minutes holding 720 MB)."""
+    import psutil
+
+    def alive(process: psutil.Process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE  # a zombie is dead, waiting for init to reap it
+        except psutil.NoSuchProcess:
+            return False
+
+    stop = time.monotonic() + 1.5  # the kernel signals at once; the watchdog polls every 5 s
+    while any(alive(p) for p in processes) and time.monotonic() < stop:
+        time.sleep(0.1)
+    survivors = [p.pid for p in processes if alive(p)]
+    for pid in survivors:
+        psutil.Process(pid).kill()
+    assert not survivors, f"loader workers outlived their killed parent: {survivors}"
+
+
 def kill_resume_and_compare(overrides, tmp_path: Path, kill_at: int, checkpoint_step: int) -> dict:
     """The uninterrupted run beside one killed as step ``kill_at`` begins; then the killed one resumed in its own
     directory with ``ckpt_path=last`` (what a requeued job does). Their last checkpoints hold the same weights;
@@ -52,8 +88,11 @@ def kill_resume_and_compare(overrides, tmp_path: Path, kill_at: int, checkpoint_
         start_train([*overrides, f"hydra.run.dir={uninterrupted}"]),
         start_train([*overrides, f"hydra.run.dir={killed}", KILL_AT_STEP, f"+callbacks.kill.step={kill_at}"]),
     ]
+    workers = watch_children(runs[1])
     finish(runs[0])
     finish(runs[1], expect_killed=True)
+    assert workers, "the killed run started no loader worker"
+    assert_all_died(workers)
     last = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == checkpoint_step  # mid-epoch: the step checkpoint, not an epoch end
     assert not list((killed / "checkpoints").glob("*.partial"))
