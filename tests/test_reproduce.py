@@ -71,6 +71,7 @@ def test_the_clip_table_runs_once_and_tables_the_demo_beside_its_references_only
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=4",
         "trainer.log_every_n_steps=1",
+        "trainer.check_val_every_n_epoch=1",
         "model.warmup_steps=2",
         "callbacks.model_summary=null",
         "analyses=false",

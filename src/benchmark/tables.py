@@ -81,14 +81,14 @@ def read_value(run_dir: Path, row: Mapping[str, Any]) -> float:
             where = {column: str(value) for column, value in (row.get("where") or {}).items()}
             matches = [r for r in csv.DictReader(handle) if all(r.get(c) == v for c, v in where.items())]
         if len(matches) != 1:
-            raise KeyError(f"{path}: {len(matches)} rows match {where}, expected one")
+            raise ValueError(f"{path}: {len(matches)} rows match {where}, expected one")
         return float(matches[0][key])
     data: Any = (
         parse_markdown_table(path.read_text()) if path.suffix == ".md" else json.loads(path.read_text())
     )
     for part in key.split("."):
         if not isinstance(data, dict) or part not in data:
-            raise KeyError(f"{path} has no {key!r} (no {part!r})")
+            raise ValueError(f"{path} has no {key!r} (no {part!r})")
         data = data[part]
     return float(data)
 
@@ -120,7 +120,7 @@ def plot_curves(metrics_csv: Path, metrics: Sequence[str], out: Path, title: str
                     per_epoch[name].setdefault(int(float(row["epoch"])), []).append(float(row[name]))
     missing = [name for name, values in per_epoch.items() if not values]
     if missing:
-        raise KeyError(f"{metrics_csv} logs no {missing}")
+        raise ValueError(f"{metrics_csv} logs no {missing}")
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for name, values in per_epoch.items():
         epochs = sorted(values)
