@@ -74,23 +74,6 @@ def test_epoch_length_and_schedule_come_from_sizes_json(trained_run, synthetic_d
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_resume_from_last_checkpoint_continues_the_run(trained_run, synthetic_dir, tmp_path):
-    from train import train
-
-    out, _, objects = trained_run
-    steps_per_epoch = objects["trainer"].global_step // 10
-    overrides = demo_overrides(
-        synthetic_dir,
-        "trainer.max_epochs=11",
-        f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
-        "test=false",
-        "report.untrained=false",
-    )
-    _, resumed = train(compose_config("train.yaml", overrides, tmp_path))
-    assert resumed["trainer"].current_epoch == 11
-    assert resumed["trainer"].global_step == 11 * steps_per_epoch  # one more epoch, not eleven
-
-
 def test_evaluate_reruns_the_test_and_exports_for_transformers(trained_run, synthetic_dir, tmp_path):
     """The documented command: python evaluate.py experiment=clip_demo ckpt_path=... export_dir=DIR."""
     from PIL import Image

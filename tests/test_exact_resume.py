@@ -116,11 +116,11 @@ def clip_overrides(synthetic_dir: Path) -> list[str]:
         f"data.root={synthetic_dir}",
         f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}",
         "data.num_workers=2",
-        "data.batch_size=16",
+        "data.batch_size=32",
         "trainer.max_epochs=2",
         "trainer.check_val_every_n_epoch=1",
         "model.warmup_steps=5",
-        "callbacks.step_checkpoint.every_n_train_steps=5",
+        "callbacks.step_checkpoint.every_n_train_steps=4",
         "callbacks.model_summary=null",
         "report.untrained=false",
         "analyses=false",
@@ -132,8 +132,8 @@ def test_a_clip_run_killed_mid_epoch_resumes_exactly_and_evaluates_the_same_twic
     from evaluate import evaluate
 
     overrides = clip_overrides(synthetic_dir)
-    # 10 steps an epoch: killed as step 17 begins, after the step checkpoint at 15 (5 batches into epoch 2)
-    kill_resume_and_compare(overrides, tmp_path, kill_at=17, checkpoint_step=15)
+    # 5 steps an epoch: killed as step 9 begins, after the step checkpoint at 8 (3 batches into epoch 2)
+    kill_resume_and_compare(overrides, tmp_path, kill_at=9, checkpoint_step=8)
     metrics = [
         json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("uninterrupted", "killed")
     ]
