@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 def reproduce(cfg: DictConfig) -> Path:
     """Run the table's missing runs for ``cfg.variant`` and write its table; returns ``table.md``."""
+    from hydra.utils import instantiate
+
     from src.benchmark.tables import run_missing, write_table
 
     tables = sorted(p.stem for p in (ROOT / "configs" / "table").glob("*.yaml"))
@@ -41,6 +43,9 @@ def reproduce(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     # only this variant resolves (a missing setting such as coco_root fails here); the other's may be unset
     resolved = OmegaConf.to_container(spec, resolve=True)
+    for name, builder in (spec.get("builders") or {}).items():  # inputs the demo makes itself when missing
+        log.info("Preparing %s", name)
+        instantiate(builder)()
     run_missing(
         resolved["runs"],
         out_dir,

@@ -65,7 +65,8 @@ def run_missing(
             f"{OUTPUT_SETTING[script]}={run_dir}",
         ]
         log.info("%s: %s", name, " ".join(argv[1:]))
-        subprocess.run(argv, cwd=root, check=True)
+        if subprocess.run(argv, cwd=root).returncode != 0:
+            raise RuntimeError(f"run {name} failed: see its output above and its run directory {run_dir}")
         started.append(name)
     return started
 
