@@ -105,6 +105,13 @@ def parse_markdown_table(text: str) -> dict[str, dict[str, str]]:
     return table
 
 
+def cell(value: float | None, signed: bool = False) -> str:
+    """A table cell: three decimals (signed for differences), empty where a row has no such reference."""
+    if value is None:
+        return ""
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
 def plot_curves(metrics_csv: Path, metrics: Sequence[str], out: Path, title: str) -> None:
     """Each metric's mean per epoch from a CSVLogger file, one line each, on one plot."""
     import matplotlib
@@ -182,10 +189,7 @@ def write_table(
             "|---|" + "---|" * len(columns),
             *(
                 f"| {record['label']} | "
-                + " | ".join(
-                    f"{record[c]:+.3f}" if c == "difference" else f"{record.get(c, float('nan')):.3f}"
-                    for c in columns
-                )
+                + " | ".join(cell(record.get(column), signed=column == "difference") for column in columns)
                 + " |"
                 for record in records
             ),
