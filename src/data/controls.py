@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
@@ -48,7 +47,7 @@ from src.data.pipeline import (
     shard_pipeline,
     worker_share,
 )
-from src.data.position import ResumableLoader, TrainingPosition
+from src.data.position import PositionedDataModule, ResumableLoader, TrainingPosition
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS
 from src.data.shards import count_records as count_shard_records
@@ -240,7 +239,7 @@ def raw_record_stage(
     return stage
 
 
-class ControlShardDataModule(L.LightningDataModule):
+class ControlShardDataModule(PositionedDataModule):
     """Webdataset shards (prepare_data.py's, img2dataset's) -> ControlNet batches at ``resolution``.
 
     Each image is resized (shorter side) and centre-cropped to ``resolution``, as diffusers' train_controlnet.py
@@ -285,7 +284,6 @@ class ControlShardDataModule(L.LightningDataModule):
         self.builders = {name: build for name, build in (builders or {}).items() if build is not None}
         self.skip_policy = SkipPolicy(**(skip_policy or {}))
         self.resize_crop = Preprocess(image_size=resolution).image_transform()
-        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
         self.skipped: Counter[str] = Counter()
 
     def prepare_data(self) -> None:
@@ -415,14 +413,11 @@ class ControlShardDataModule(L.LightningDataModule):
         if skipped:
             self.skipped.update(skipped)
             log.warning("Data: skipped so far %s", dict(self.skipped))
-        if self.trainer is not None and self.trainer.training:
-            self.position.batch_trained()
-        return batch
+        return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def state_dict(self) -> dict:
-        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
-        return {"skipped": dict(self.skipped), "position": self.position.state_dict(batches)}
+        return {**super().state_dict(), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         self.skipped = Counter(state_dict.get("skipped", {}))
-        self.position.load_state_dict(state_dict.get("position", {}))

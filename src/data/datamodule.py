@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -29,7 +28,7 @@ from src.data.pipeline import (
     shard_pipeline,
     worker_share,
 )
-from src.data.position import ResumableLoader, TrainingPosition
+from src.data.position import PositionedDataModule, ResumableLoader, TrainingPosition
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import read_sizes
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 WORKER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-class WebtoonShardDataModule(L.LightningDataModule):
+class WebtoonShardDataModule(PositionedDataModule):
     """Reads the shards of ``root`` (or ``{train,val,test}_shards``) into batches for every module.
 
     A training batch holds ``image`` [B,3,H,W], ``caption`` (one random caption per image, drawn anew
@@ -94,7 +93,6 @@ class WebtoonShardDataModule(L.LightningDataModule):
         self.builders = {name: build for name, build in (builders or {}).items() if build is not None}
         self.shards = {split: self._shards_of(split) for split in SPLITS}
         self.transform = self.preprocess.image_transform()
-        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
         self.skipped: Counter[str] = Counter()
         self._delivered = 0
         self._last_summary: tuple[float, int] | None = None
@@ -269,9 +267,7 @@ class WebtoonShardDataModule(L.LightningDataModule):
         self._delivered += len(batch["image"])
         if skipped or self._last_summary is not None:
             self._summarise_skips()
-        if self.trainer is not None and self.trainer.training:
-            self.position.batch_trained()
-        return batch
+        return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def _summarise_skips(self) -> None:
         """Log the skip counts by reason now and then while a run skips (across all workers)."""
@@ -291,12 +287,11 @@ class WebtoonShardDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict:
-        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
-        return {"skipped": dict(self.skipped), "position": self.position.state_dict(batches)}
+        return {**super().state_dict(), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         self.skipped = Counter(state_dict.get("skipped", {}))
-        self.position.load_state_dict(state_dict.get("position", {}))
 
 
 def batch_size(batch: dict) -> int:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torchvision.transforms.functional as TF
 import webdataset as wds
@@ -29,7 +28,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from src.data.pipeline import CorruptSample, decode_record, describe_skips
-from src.data.position import ResumableLoader, SharedEpoch, TrainingPosition
+from src.data.position import PositionedDataModule, ResumableLoader, SharedEpoch
 from src.data.schema import IMAGE_EXTENSIONS, LANGUAGES
 from src.utils.seeding import derived_seed
 from src.utils.workers import die_with_parent
@@ -355,7 +354,7 @@ class PriorPreservation:
     generator: Callable[[str, int, Path], None] | None = None
 
 
-class CaptionedImageDataModule(L.LightningDataModule):
+class CaptionedImageDataModule(PositionedDataModule):
     """Batches of a captioned image folder: ``pixel_values`` [B,3,R,R] in [-1, 1], ``captions``, ``cache_key``
     [B] and ``is_prior`` [B]; with ``prior_preservation`` each batch holds B instance then B class examples."""
 
@@ -383,7 +382,6 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.prior_preservation = PriorPreservation(**prior_preservation) if prior_preservation else None
         self.train_dataset: Dataset | None = None
         self.skipped: Counter[str] = Counter()
-        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
 
     def prepare_data(self) -> None:
         """Generate the missing class images once; reruns find them in ``class_dir`` and reuse them."""
@@ -472,15 +470,3 @@ class CaptionedImageDataModule(L.LightningDataModule):
             worker_init_fn=die_with_parent if workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
         )
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if self.trainer is not None and self.trainer.training:
-            self.position.batch_trained()
-        return batch
-
-    def state_dict(self) -> dict:
-        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
-        return {"position": self.position.state_dict(batches)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.position.load_state_dict(state_dict.get("position", {}))

@@ -17,11 +17,12 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
+import lightning as L
 from torch.utils.data import DataLoader
 
 from src.utils.seeding import derived_seed
 
-__all__ = ["ResumableLoader", "SharedEpoch", "TrainingPosition"]
+__all__ = ["PositionedDataModule", "ResumableLoader", "SharedEpoch", "TrainingPosition"]
 
 
 class SharedEpoch:
@@ -101,3 +102,25 @@ class ResumableLoader(DataLoader):
         for _ in range(drop):
             next(batches)
         return batches
+
+
+class PositionedDataModule(L.LightningDataModule):
+    """A DataModule whose training loader is a :class:`ResumableLoader` at ``self.position``: it counts the batches
+    trained and keeps the position in its checkpointed state. Subclasses extend the two state hooks with their own
+    (calling ``super()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position = TrainingPosition()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self.position.batch_trained()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"position": self.position.state_dict(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.position.load_state_dict(state_dict.get("position", {}))

@@ -6,16 +6,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from src.data.position import ResumableLoader, TrainingPosition
+from src.data.position import PositionedDataModule, ResumableLoader
 from src.utils.workers import die_with_parent
 
 __all__ = ["GeneratedSplitsDataModule"]
 
 
-class GeneratedSplitsDataModule(LightningDataModule):
+class GeneratedSplitsDataModule(PositionedDataModule):
     """Loaders over ``self.datasets`` (split -> dataset), which a subclass fills; hparams ``batch_size``,
     ``eval_batch_size``, ``num_workers`` and ``shuffle_seed``. The training split is shuffled in an order drawn
     from (shuffle_seed, epoch), resumable mid-epoch (src/data/position.py), and drops a last partial batch;
@@ -23,10 +22,6 @@ class GeneratedSplitsDataModule(LightningDataModule):
 
     datasets: dict[str, Dataset]
     collate_fn: Callable[[list[Any]], Any] | None = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.position = TrainingPosition()  # the epoch and batches trained: saved in checkpoints
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -59,15 +54,3 @@ class GeneratedSplitsDataModule(LightningDataModule):
             persistent_workers=workers > 0,
             worker_init_fn=die_with_parent if workers > 0 else None,
         )
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self.position.batch_trained()
-        return batch
-
-    def state_dict(self) -> dict:
-        batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
-        return {"position": self.position.state_dict(batches)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.position.load_state_dict(state_dict.get("position", {}))
