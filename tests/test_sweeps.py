@@ -12,25 +12,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra_runs import CONFIGS, ROOT, synthetic_samples
+from hydra_runs import CONFIGS, ROOT, tiny_clip_demo_overrides
 from omegaconf import OmegaConf, open_dict
 
 
 def tiny_clip(synthetic_dir: Path, sweep_dir: Path) -> list[str]:
+    """The CLIP demo in a few steps (the DCGAN demo's on-demand CLIP settings), validated so a metric exists."""
+    run_dir_setting = f"hydra.run.dir={sweep_dir}"
+    steps = [o for o in tiny_clip_demo_overrides(synthetic_dir, sweep_dir) if o != run_dir_setting]
     return [
         "experiment=clip_demo",
-        f"data.root={synthetic_dir}",
-        f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}",
-        "data.num_workers=0",
+        *steps,
         "data.batch_size=16",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=3",
         "trainer.check_val_every_n_epoch=1",
         "test=false",
-        "report.untrained=false",
-        "analyses=false",
-        "callbacks.model_summary=null",
-        "extras.print_config=false",
         f"hydra.sweep.dir={sweep_dir}",
     ]
 
