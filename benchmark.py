@@ -68,6 +68,8 @@ def finetune_benchmark(cfg: DictConfig) -> Path:
         judge=str(cfg.evaluation.judge),
         subject_name=str(cfg.subject_name),
         placeholder=str(cfg.placeholder),
+        concept_classifier=evaluation.get("concept_classifier"),
+        concept_label=evaluation.get("concept_label"),
         num_images_per_prompt=evaluation.num_images_per_prompt,
         seed=evaluation.seed,
         num_inference_steps=evaluation.num_inference_steps,

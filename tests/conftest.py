@@ -48,9 +48,21 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_towers(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
+def tiny_shape_judge(tmp_path_factory) -> Path:
+    """The demo's shape judge trained for two steps: the wiring's stand-in (its accuracy is tested in
+    test_shape_judge.py, not relied on elsewhere)."""
+    from src.demo.shape_judge import train_shape_judge
+
+    out = tmp_path_factory.mktemp("shape_judge")
+    train_shape_judge(out, num_train=32, num_heldout=4, steps=2, batch_size=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_towers(synthetic_dir, tiny_shape_judge, tmp_path_factory) -> dict[str, Path]:
     """Local copies of the hub towers, as a user without network makes them: a tiny BERT (with the demo
-    dataset's tokenizer) and a tiny ViT for 224 px images, saved with ``save_pretrained``."""
+    dataset's tokenizer) and a tiny ViT for 224 px images, saved with ``save_pretrained``; the shape judge
+    beside them."""
     from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
 
     out = tmp_path_factory.mktemp("towers")
@@ -78,7 +90,7 @@ def tiny_towers(synthetic_dir, tmp_path_factory) -> dict[str, Path]:
         )
     )
     vit.save_pretrained(out / "vit")
-    return {"bert": out / "bert", "vit": out / "vit"}
+    return {"bert": out / "bert", "vit": out / "vit", "shape_judge": tiny_shape_judge}
 
 
 @pytest.fixture

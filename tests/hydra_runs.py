@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -42,6 +43,9 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")
         cfg.extras.print_config = False
+        if "PYTEST_XDIST_WORKER" in os.environ:
+            # the demos' two torch threads beside another worker's oversubscribe the 2 cores (see conftest.py)
+            cfg.extras.torch_threads = None
     return cfg
 
 
@@ -96,7 +100,10 @@ def experiment_overrides(
     if experiment.startswith("dcgan"):
         overrides += ["callbacks.sample_grid.num_per_caption=2"]
     if experiment.startswith("dcgan_demo"):
-        overrides += ["callbacks.colour_agreement.num_per_caption=2"]
+        overrides += [
+            "callbacks.caption_following.num_per_caption=2",
+            "callbacks.caption_following.num_shape_scenes=3",
+        ]
     return [*overrides, *extra]
 
 

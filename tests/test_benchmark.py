@@ -74,7 +74,7 @@ def miniature(
 
 @pytest.mark.slow
 def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
-    tiny_sd, judge, tmp_path, monkeypatch
+    tiny_sd, judge, tiny_shape_judge, tmp_path, monkeypatch
 ):
     from benchmark import benchmark
 
@@ -86,6 +86,7 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
         judge,
         tmp_path,
         "builders.subject.num_images=6",
+        f"evaluation.concept_classifier={tiny_shape_judge}",
         dropped=("dreambooth", "textual_inversion"),
     )
     out = benchmark(cfg)
@@ -101,6 +102,7 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
     }
     for row in rows:
         assert 0 < float(row["clip_i"]) <= 1 and 0 <= float(row["clip_t"]) <= 1
+        assert 0 <= float(row["concept_rate"]) <= 1  # the shape judge's share of hanoks, 2 images per cell
         if row["method"] != BASE:
             assert (
                 float(row["train_time_s"]) > 0
@@ -115,6 +117,7 @@ def test_demo_benchmark_writes_every_output_and_resumes_only_unfinished_cells(
     assert hypernetwork.activation_func == "relu"
     tables = (out / "tables.md").read_text()
     assert "not comparable" in tables and "Paper 000" not in tables  # a demo never tables the paper beside it
+    assert "concept rate" in tables
     # The subject's images came from the demo's builder, 6 as asked, captioned with the placeholder.
     subject = tmp_path / "data" / "concept" / "hanok"
     captions = [json.loads(line)["text"] for line in (subject / "metadata.jsonl").read_text().splitlines()]

@@ -333,7 +333,6 @@ def test_controlnet_experiments_train_validate_and_export_a_controlnet_diffusers
         f"experiment={experiment}",
         f"paths.data_dir={data_dir}",
         "trainer=cpu",
-        "extras.torch_threads=null",  # the test worker's own threads (one per xdist worker), left as they are
         "+trainer.num_sanity_val_steps=0",
         "trainer.max_steps=3",
         "trainer.max_epochs=-1",

@@ -70,6 +70,11 @@ def test_experiment_trains_tests_and_its_checkpoint_evaluates(
         notes = (run / "metrics.md").read_text()
         assert "SmallFeatureExtractor" in notes and "never with published" in notes
         assert sorted(p.name for p in run.rglob("samples/epoch_*.png")) == ["epoch_000.png"]
+    if experiment.startswith("dcgan_demo"):  # caption following per language, the judge's ceiling beside it
+        judged = {f"test/{m}_{lang}" for m in ("colour_match", "shape_match") for lang in ("en", "ko")}
+        assert judged | {"test/shape_match_real"} <= set(metrics)
+        chance = next(i for i, column in enumerate(header) if column.startswith("chance"))
+        assert rows["test/shape_match_en"][chance - 1] == "0.1000"
 
     checkpoint = Path(
         objects["trainer"].checkpoint_callback.best_model_path or run / "checkpoints" / "last.ckpt"

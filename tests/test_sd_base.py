@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 from hydra_runs import DIFFUSION_EXPERIMENTS, compose_config, synthetic_samples
-from test_clip_score import write_tiny_dual_encoder
 from torch.utils.data import DataLoader
 
 TINY = {
@@ -235,19 +234,20 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", DIFFUSION_EXPERIMENTS)
-def test_sd_demo_base_trains_both_stages_is_judged_and_exports(experiment, synthetic_dir, tmp_path):
+def test_sd_demo_base_trains_both_stages_is_judged_and_exports(
+    experiment, synthetic_dir, tiny_towers, tmp_path
+):
     from diffusers import StableDiffusionPipeline
 
     from train import train
 
-    judge = write_tiny_dual_encoder(tmp_path / "judge")
     run = tmp_path / "run"
     overrides = [
         f"experiment={experiment}",
         f"paths.data_dir={tmp_path / 'data'}",
         f"data.root={synthetic_dir}",
         f"data.builders.dataset.num_samples={synthetic_samples(synthetic_dir)}",
-        f"data.builders.judge.out_dir={judge}",  # present: the judge is not trained
+        f"data.builders.shape_judge.out_dir={tiny_towers['shape_judge']}",  # present: the judge is not trained
         "data.num_workers=0",
         "data.batch_size=4",
         "trainer.max_steps=4",
@@ -271,6 +271,7 @@ def test_sd_demo_base_trains_both_stages_is_judged_and_exports(experiment, synth
         "test/shape_match",
         "test/both_match",
         "test/background_match",
+        "test/shape_match_real",
     } <= set(metrics)
     table = (run / "metrics.md").read_text()
     assert "chance" in table and "real drawings" in table and "paper" not in table

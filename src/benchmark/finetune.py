@@ -8,7 +8,10 @@ cell is then judged here: ``num_images_per_prompt`` images per prompt with fixed
 - CLIP-T, the paper's CLIP score: the cosine between an image and its prompt (``*`` read as the subject's name
   the judge knows), in [0, 1] as the paper tables it (torchmetrics' CLIP score / 100);
 - CLIP-I, concept fidelity as DreamBooth reports it: the mean cosine between generated images and the subject's
-  images, in the judge's image space.
+  images, in the judge's image space;
+- optionally the concept rate: the share of images that an image classifier which knows the subject (a
+  ``concept_classifier`` directory, see ``src/metrics/classifier.py``) labels as ``concept_label``. CLIP-I can
+  rank colours before objects (a teal pentagon near a teal hanok); a classifier of the subject's shape cannot.
 
 The base model, prompted with the subject's name in place of ``*``, is the row every method must beat on CLIP-I.
 A cell is done when its ``cell.json`` exists, so a stopped benchmark rerun with the same command trains and
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 __all__ = ["BASE", "Cell", "FineTuneBenchmark", "write_report"]
 
 BASE = "base"  # the row of the base model, before any fine-tuning
-NOT_ABOVE_BASE = "↓"  # marks a CLIP-I cell that fine-tuning did not lift above the base model
+NOT_ABOVE_BASE = "↓"  # marks a fidelity cell that fine-tuning did not lift above the base model
+FIDELITY = {"clip_i": "CLIP-I", "concept_rate": "concept rate"}  # what fine-tuning must lift above the base
 CELL_RESULT = "cell.json"
 BASE_RECORD = "base_model.json"
 METHOD_TITLES = {
@@ -56,6 +60,7 @@ CSV_COLUMNS = (
     "prompt_text",
     "clip_t",
     "clip_i",
+    "concept_rate",
     "train_time_s",
     "steps",
     "peak_memory_mb",
@@ -85,6 +90,8 @@ class FineTuneBenchmark:
     judge: str
     subject_name: str  # how the judge and the base model read the placeholder
     placeholder: str = "*"
+    concept_classifier: str | None = None  # an image classifier that knows the subject: the concept rate
+    concept_label: str | None = None  # the subject's label among the classifier's
     num_images_per_prompt: int = 4
     seed: int = 0
     num_inference_steps: int = 25
@@ -206,6 +213,8 @@ class FineTuneBenchmark:
             clip_t = judge(row, [as_judged] * len(row)).mean / 100
             clip_i = (judge.image_embeddings(row) @ references.T).mean()
             prompts[label] = {"prompt": prompt, "clip_t": float(clip_t), "clip_i": float(clip_i)}
+            if self.concept_classifier:
+                prompts[label]["concept_rate"] = self.concept_model.rate(row, self.concept_label)
             for k, image in enumerate(row):  # named by label and index, never by prompt text
                 to_pil(image).save(image_dir / f"{label}_{k}.png")
         result = {"method": cell.method, "images": cell.num_images, "prompts": prompts, **training}
@@ -219,6 +228,18 @@ class FineTuneBenchmark:
         from src.metrics.clip_score import load_clip_judge
 
         return load_clip_judge(self.judge, setting="judge").to(self.device)
+
+    @cached_property
+    def concept_model(self):
+        from src.metrics.classifier import load_classifier_judge
+
+        classifier = load_classifier_judge(self.concept_classifier, setting="evaluation.concept_classifier")
+        if self.concept_label not in classifier.labels:
+            raise ValueError(
+                f"evaluation.concept_label={self.concept_label!r} is not a label of {self.concept_classifier} "
+                f"({classifier.labels})."
+            )
+        return classifier.to(self.device)
 
     @cached_property
     def subject_embeddings(self):
@@ -284,6 +305,7 @@ def write_report(
             "prompt_text": scores["prompt"],
             "clip_t": scores["clip_t"],
             "clip_i": scores["clip_i"],
+            "concept_rate": scores.get("concept_rate"),
             "train_time_s": result.get("train_time_s"),
             "steps": result.get("steps"),
             "peak_memory_mb": result.get("peak_memory_mb"),
@@ -318,17 +340,25 @@ def tables_markdown(
     lines = ["# Fine-tuning benchmark", ""] + ([note, ""] if note else [])
     for label, prompt in prompts.items():
         base = value.get((BASE, 0, label))
-        for metric, title in (("clip_t", "CLIP-T (CLIP score)"), ("clip_i", "CLIP-I (concept fidelity)")):
+        metrics = [("clip_t", "CLIP-T (CLIP score)"), ("clip_i", "CLIP-I (concept fidelity)")]
+        if any(r.get("concept_rate") is not None for r in rows):
+            metrics.append(
+                ("concept_rate", "concept rate (share of images the classifier labels the subject)")
+            )
+        for metric, title in metrics:
             lines += [f"## Prompt {label}: `{prompt}` — {title}", "", header, rule]
             # Fine-tuning exists to raise concept fidelity above the base model's: cells that do not are marked.
-            bar = base["clip_i"] if metric == "clip_i" and base is not None else None
+            bar = base[metric] if metric in FIDELITY and base is not None else None
             for n in num_images:
                 cells = [value.get((m, n, label), {}).get(metric) for m in methods]
                 lines.append(f"| {n} | " + " | ".join(_cell(c, bar=bar) for c in cells) + " |")
             if base is not None:
                 lines.append(f"| base model | {_cell(base[metric])} |" + " |" * (len(methods) - 1))
             if bar is not None:
-                lines += ["", f"{NOT_ABOVE_BASE}: not above the base model's CLIP-I for this prompt."]
+                lines += [
+                    "",
+                    f"{NOT_ABOVE_BASE}: not above the base model's {FIDELITY[metric]} for this prompt.",
+                ]
             lines.append("")
             if metric == "clip_t" and paper and label in paper:
                 lines += [f"Paper 000, Table for prompt {label} (CLIP score):", "", header, rule]

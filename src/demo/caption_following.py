@@ -1,0 +1,153 @@
+"""Does a generator follow its caption, and does it use its noise? Checks that only the shapes demo can make.
+
+On the generated dataset a caption names the shape's colour and kind. Colour: the share of generated images whose
+dominant colour is the named one, on two fixed scenes per colour (chance = 1/8). Shape: the share whose kind, by
+the shape judge (a classifier of the dataset's real drawings, ``src/demo/shape_judge.py``), is the named one, on
+random scenes of every kind (chance = 1/10), beside the same judging of real drawings of those scenes as the
+ceiling (``{stage}/shape_match_real``). Both per language. Diversity is the mean pairwise pixel distance between
+images drawn for one caption, beside the same for real drawings of that caption: a generator that ignores its
+noise (GAN-CLS's mode collapse) scores ~0 against the real images' jitter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import lightning as L
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+
+from src.demo.synthetic import (
+    COLOURS,
+    KINDS,
+    STYLES,
+    caption_scene,
+    colour_caption_set,
+    dominant_colour,
+    render_scene,
+    sample_scene,
+)
+from src.pipelines.loading import text_to_image_for
+from src.utils.image_grid import to_pil
+
+LANGUAGES = ("en", "ko")
+
+
+def mean_pairwise_distance(images: torch.Tensor) -> float:
+    """Mean root-mean-square pixel distance over all pairs of images [k, 3, H, W] in [0, 1]."""
+    flat = images.flatten(1).float()
+    pairs = list(itertools.combinations(range(len(flat)), 2))
+    if not pairs:
+        return 0.0
+    return float(torch.stack([(flat[i] - flat[j]).pow(2).mean().sqrt() for i, j in pairs]).mean())
+
+
+class CaptionFollowing(L.Callback):
+    """After each validation and at test end: ``{stage}/colour_match_{en,ko}``, with a ``shape_judge``
+    ``{stage}/shape_match_{en,ko}`` and ``{stage}/shape_match_real``, and ``{stage}/diversity*``."""
+
+    def __init__(
+        self,
+        num_per_caption: int = 16,
+        seed: int = 0,
+        image_size: int = 64,
+        shape_judge: str | None = None,
+        num_shape_scenes: int = 40,
+    ):
+        super().__init__()
+        self.num_per_caption = num_per_caption
+        self.seed = seed
+        self.image_size = image_size
+        self.scenes = colour_caption_set()
+        rng = random.Random(f"webtoon-lab/caption-following/{seed}")
+        self.shape_scenes = []
+        for _ in range(num_shape_scenes):  # one scene, style and template, captioned in both languages
+            scene, style, template = sample_scene(rng), rng.choice(STYLES), rng.randrange(5)
+            self.shape_scenes.append(
+                (scene, style, {lang: caption_scene(scene, lang, template, style) for lang in LANGUAGES})
+            )
+        self.shape_judge_name = shape_judge
+        self.shape_judge = None
+        self.real_shape_match: float | None = None
+        self.stages: set[str] = set()
+        # Real drawings of each caption, rendered once: the diversity a generator should reach.
+        self.real_diversity = sum(
+            mean_pairwise_distance(
+                torch.stack([pil_to_tensor(im).float() / 255 for im in s.render(num_per_caption, image_size)])
+            )
+            for s in self.scenes
+        ) / len(self.scenes)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if (
+            self.shape_judge_name and self.shape_judge is None
+        ):  # at once: a missing judge fails before training
+            from src.metrics.classifier import load_classifier_judge
+
+            self.shape_judge = load_classifier_judge(
+                self.shape_judge_name, setting="callbacks.caption_following.shape_judge"
+            )
+            self.real_shape_match = self.shape_match(self.real_drawings())
+
+    def real_drawings(self) -> torch.Tensor:
+        """[scenes, k, 3, H, W]: ``num_per_caption`` real drawings of each shape scene (jittered as the dataset)."""
+        rows = []
+        for index, (scene, style, _) in enumerate(self.shape_scenes):
+            rngs = [random.Random(f"{self.seed}/{index}/{j}") for j in range(self.num_per_caption)]
+            drawings = [render_scene(scene, style, self.image_size, rng) for rng in rngs]
+            rows.append(torch.stack([pil_to_tensor(drawing) for drawing in drawings]))
+        return torch.stack(rows).float() / 255
+
+    def shape_match(self, images: torch.Tensor) -> float:
+        """Share of images [scenes, k, 3, H, W] whose judged kind is their scene's, among the 10 kinds."""
+        found = self.shape_judge.predict(images.flatten(0, 1), among=KINDS)
+        wanted = [scene.kind for scene, _, _ in self.shape_scenes for _ in range(images.shape[1])]
+        return sum(f == w for f, w in zip(found, wanted, strict=True)) / len(wanted)
+
+    @torch.no_grad()
+    def measure(self, text_to_image) -> dict[str, float]:
+        scores = {}
+        diversities = []
+        for language in LANGUAGES:
+            captions = [getattr(scene, "english" if language == "en" else "korean") for scene in self.scenes]
+            images = text_to_image(captions, self.num_per_caption, self.seed)
+            matches = [
+                dominant_colour(to_pil(image)) == scene.scene.colour
+                for scene, row in zip(self.scenes, images, strict=True)
+                for image in row
+            ]
+            scores[f"colour_match_{language}"] = sum(matches) / len(matches)
+            diversities += [mean_pairwise_distance(row) for row in images]
+            if self.shape_judge is not None:
+                shape_captions = [named[language] for _, _, named in self.shape_scenes]
+                drawn = text_to_image(shape_captions, self.num_per_caption, self.seed)
+                scores[f"shape_match_{language}"] = self.shape_match(drawn)
+        if self.shape_judge is not None:
+            scores["shape_match_real"] = self.real_shape_match
+        scores["diversity"] = sum(diversities) / len(diversities)
+        scores["diversity_ratio"] = scores["diversity"] / self.real_diversity
+        return scores
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # a curve over training: does caption-following grow with it?
+            self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
+
+    def references(self, stage: str = "test") -> dict[str, dict[str, float]]:
+        """Chance colour and shape match (1/8, 1/10), real drawings' diversity and shape match, for reports."""
+        if stage not in self.stages:
+            return {}
+        chance = {f"{stage}/colour_match_{lang}": 1 / len(COLOURS) for lang in LANGUAGES}
+        real = {f"{stage}/diversity": self.real_diversity, f"{stage}/diversity_ratio": 1.0}
+        if self.shape_judge is not None:
+            chance |= {f"{stage}/shape_match_{lang}": 1 / len(KINDS) for lang in LANGUAGES}
+            real |= {f"{stage}/shape_match_{lang}": self.real_shape_match for lang in LANGUAGES}
+        return {"chance": chance, "real images": real}
+
+    def _log(self, pl_module: L.LightningModule, stage: str) -> None:
+        self.stages.add(stage)
+        for name, value in self.measure(text_to_image_for(pl_module)).items():
+            pl_module.log(f"{stage}/{name}", value, sync_dist=True)
