@@ -6,7 +6,8 @@
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-# pytest-xdist workers: the suite's end-to-end runs are independent processes
+# pytest-xdist workers: the suite's end-to-end runs are independent processes. Each module stays on one worker
+# (--dist loadscope): its module-scoped fixtures (trained runs, tiny models) are then built once, not per worker.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test lint install clean-venv
@@ -15,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) train.py experiment=clip_demo
 
 test: $(VENV)/.installed-dev
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist worksteal
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadscope
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -103,6 +103,7 @@ def experiment_overrides(
         overrides += [
             "callbacks.caption_following.num_per_caption=2",
             "callbacks.caption_following.num_shape_scenes=3",
+            f"data.builders.shape_judge.out_dir={towers['shape_judge']}",
         ]
     return [*overrides, *extra]
 
