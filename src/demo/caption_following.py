@@ -25,7 +25,6 @@ from src.demo.synthetic import (
     caption_scene,
     colour_caption_set,
     dominant_colour,
-    render_scene,
     sample_scene,
 )
 from src.pipelines.loading import text_to_image_for
@@ -91,13 +90,11 @@ class CaptionFollowing(L.Callback):
             self.real_shape_match = self.shape_match(self.real_drawings())
 
     def real_drawings(self) -> torch.Tensor:
-        """[scenes, k, 3, H, W]: ``num_per_caption`` real drawings of each shape scene (jittered as the dataset)."""
-        rows = []
-        for index, (scene, style, _) in enumerate(self.shape_scenes):
-            rngs = [random.Random(f"{self.seed}/{index}/{j}") for j in range(self.num_per_caption)]
-            drawings = [render_scene(scene, style, self.image_size, rng) for rng in rngs]
-            rows.append(torch.stack([pil_to_tensor(drawing) for drawing in drawings]))
-        return torch.stack(rows).float() / 255
+        """[scenes, k, 3, H, W]: ``num_per_caption`` real drawings of each shape scene."""
+        from src.demo.shape_judge import drawings_of
+
+        scenes = [(scene, style) for scene, style, _ in self.shape_scenes]
+        return drawings_of(scenes, self.num_per_caption, self.image_size, self.seed)
 
     def shape_match(self, images: torch.Tensor) -> float:
         """Share of images [scenes, k, 3, H, W] whose judged kind is their scene's, among the 10 kinds."""

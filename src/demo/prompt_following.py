@@ -23,7 +23,6 @@ from src.demo.synthetic import (
     caption_scene,
     dominant_background,
     dominant_colour,
-    render_scene,
     sample_scene,
 )
 from src.pipelines.loading import text_to_image_for
@@ -92,15 +91,10 @@ class PromptFollowing(L.Callback):
         }
 
     def real_drawings(self) -> torch.Tensor:
-        from torchvision.transforms.functional import pil_to_tensor
+        from src.demo.shape_judge import drawings_of
 
-        rows = []
-        for index, (scene, style, *_) in enumerate(self.prompts):
-            rngs = [random.Random(f"{self.seed}/{index}/{j}") for j in range(self.num_images_per_prompt)]
-            rows.append(
-                torch.stack([pil_to_tensor(render_scene(scene, style, self.image_size, r)) for r in rngs])
-            )
-        return torch.stack(rows).float() / 255
+        scenes = [(scene, style) for scene, style, _ in self.prompts]
+        return drawings_of(scenes, self.num_images_per_prompt, self.image_size, self.seed)
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import pil_to_tensor
 
-from src.demo.synthetic import ALL_KINDS, STYLES, render_scene, sample_scene
+from src.demo.synthetic import ALL_KINDS, STYLES, Scene, render_scene, sample_scene
 from src.metrics.classifier import ImageClassifierJudge, load_classifier_judge
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_shape_judge", "load_shape_judge", "real_drawings", "train_shape_judge"]
+__all__ = ["drawings_of", "ensure_shape_judge", "load_shape_judge", "real_drawings", "train_shape_judge"]
 
 SPEC_FILE = "judge.json"
 INPUT_SIZE = 64
@@ -47,6 +47,16 @@ def real_drawings(
         images.append(pil_to_tensor(render_scene(scene, rng.choice(STYLES), resolution, rng)))
         labels.append(scene.kind)
     return torch.stack(images).float() / 255, labels
+
+
+def drawings_of(scenes: Sequence[tuple[Scene, str]], count: int, image_size: int, seed: int) -> torch.Tensor:
+    """[scenes, count, 3, H, W] in [0, 1]: ``count`` real drawings of each (scene, style), jittered as the
+    dataset jitters them, the same for the same seed: the ceiling beside a generator's drawings of them."""
+    rows = []
+    for index, (scene, style) in enumerate(scenes):
+        rngs = [random.Random(f"{seed}/{index}/{j}") for j in range(count)]
+        rows.append(torch.stack([pil_to_tensor(render_scene(scene, style, image_size, rng)) for rng in rngs]))
+    return torch.stack(rows).float() / 255
 
 
 def accuracy(judge: ImageClassifierJudge, images: torch.Tensor, labels: Sequence[str]) -> float:
