@@ -29,7 +29,17 @@ from src.utils.cli import one_line_errors
 MANIFEST = "manifest.json"
 MODES = ("images", "panel", "story", "img2img")
 # Settings that name files or directories: recorded as absolute paths, so a manifest redraws from anywhere.
-PATH_SETTINGS = ("ckpt_path", "weights", "base_model", "clip", "index", "depth_model", "stories", "image")
+PATH_SETTINGS = (
+    "ckpt_path",
+    "weights",
+    "base_model",
+    "clip",
+    "index",
+    "depth_model",
+    "korean_text_encoder",
+    "stories",
+    "image",
+)
 CONTROLNET_PATHS = ("model", "image", "detector_weights")
 IP_ADAPTER_PATHS = ("model", "base_model", "style_image")
 
@@ -154,6 +164,8 @@ def panel_maker(cfg: DictConfig):
         multiplier=cfg.multiplier,
         device=cfg.device,
         index_backend=cfg.index_backend,
+        korean_text_encoder=cfg.get("korean_text_encoder"),
+        korean=cfg.get("korean", "retrieved_captions"),
         **OmegaConf.to_container(cfg.panel, resolve=True),
     )
 

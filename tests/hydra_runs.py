@@ -25,11 +25,20 @@ DIFFUSION_EXPERIMENTS = ("sd_demo_base",)
 DEPTH_EXPERIMENTS = ("sd_demo_depth",)
 # ControlNets trained on a frozen base (tests/test_controlnet_training.py)
 CONTROLNET_EXPERIMENTS = ("controlnet_canny", "controlnet_demo")
+# Korean text encoders distilled into a base's text space (tests/test_korean_text_encoder.py)
+KOREAN_EXPERIMENTS = ("korean_text_encoder", "korean_text_encoder_demo")
 # CLIP and DCGAN runs on the bilingual shards (tests/test_experiments.py)
 EXPERIMENTS = tuple(
     e
     for e in ALL_EXPERIMENTS
-    if e not in (*FINETUNE_EXPERIMENTS, *DIFFUSION_EXPERIMENTS, *DEPTH_EXPERIMENTS, *CONTROLNET_EXPERIMENTS)
+    if e
+    not in (
+        *FINETUNE_EXPERIMENTS,
+        *DIFFUSION_EXPERIMENTS,
+        *DEPTH_EXPERIMENTS,
+        *CONTROLNET_EXPERIMENTS,
+        *KOREAN_EXPERIMENTS,
+    )
 )
 THESIS_EXPERIMENTS = ("clip_webtoon", "dcgan_webtoon")
 

@@ -245,3 +245,38 @@ def test_missing_models_name_their_setting(models, tmp_path, user_error):
         )
         with user_error(pattern):
             main(cfg)
+
+
+def test_korean_encoder_gives_the_korean_treatment_itself_to_a_text_encoder_that_reads_it(
+    models, tmp_path, tiny_towers, user_error
+):
+    from transformers import AltCLIPTextModel
+
+    from generate import main
+    from src.modules.diffusion.korean_text_encoder import KoreanTextEncoderDistillation
+
+    reader = KoreanTextEncoderDistillation(str(models["base"]), student_name_or_path=str(tiny_towers["bert"]))
+    export = reader.export(tmp_path / "korean")
+    maker = panel_maker(models, korean="encoder", korean_text_encoder=export)
+    assert isinstance(maker.diffusers_pipeline.text_encoder, AltCLIPTextModel)
+    assert maker.describe()["korean_text_encoder"] == str(export)
+
+    treatments = json.dumps(["큰 빨간 원", "a small teal heart"], ensure_ascii=False)
+    overrides = ["mode=panel", f"treatments={treatments}", "korean=encoder", f"korean_text_encoder={export}"]
+    manifest = generate(models, tmp_path / "panels", *overrides)
+    korean, english = (row for row in manifest["panels"])
+    assert korean["sd_prompt"] == "큰 빨간 원, webtoon" and "Korean text encoder" in korean["prompt_from"]
+    assert english["sd_prompt"] == "a small teal heart, webtoon" and english["prompt_from"] == "treatment"
+    assert manifest["config"]["korean_text_encoder"] == str(export)
+    generate(models, tmp_path / "again", f"manifest={tmp_path / 'panels' / 'manifest.json'}")
+    assert same_pixels(tmp_path / "panels" / "panel_000_0.png", tmp_path / "again" / "panel_000_0.png")
+
+    base = [
+        f"clip={models['clip']}",
+        f"index={models['index']}",
+        f"depth_model={models['depth']}",
+        "device=cpu",
+    ]
+    cfg = compose_plain("generate.yaml", [*base, "mode=panel", "treatments='큰 빨간 원'", "korean=encoder"])
+    with user_error("korean_text_encoder"):
+        main(cfg)

@@ -20,6 +20,7 @@ from src.data.pipeline import (
     SizedPipeline,
     SkipPolicy,
     choose_caption,
+    choose_parallel_captions,
     describe_skips,
     draw_rng,
     expand_shards,
@@ -72,12 +73,17 @@ class WebtoonShardDataModule(PositionedDataModule):
         precompute_features: dict[str, Any] | None = None,
         pin_memory: bool = True,
         reduced_decode: bool = True,
+        parallel_captions: bool = False,
     ):
         """``root``: a directory of ``{split}-*.tar`` shards; an explicit ``{split}_shards`` pattern wins.
 
         ``preprocess`` is the model's (``${model.preprocess}`` in the configs); with ``reduced_decode`` JPEGs
         larger than twice its image size decode at a reduced scale (PIL's ``draft``), never below that size. ``builders`` are called once,
         in order, before reading, to write inputs that are missing (the demo generates its dataset that way).
+
+        ``parallel_captions``: batches also hold ``caption_en`` and ``caption_ko``, an English and a Korean caption
+        of the same image (what distilling a Korean text encoder learns from); records lacking either language
+        are skipped and counted (``no_parallel_captions``).
         """
         super().__init__()
         unknown = set(languages) - set(LANGUAGES)
@@ -145,6 +151,8 @@ class WebtoonShardDataModule(PositionedDataModule):
         item = {"image": self.transform(sample.image), "caption": caption, "key": sample.key}
         if self.hparams.text_features:
             item["text_features"] = features_of(sample, [row])[0]
+        if self.hparams.parallel_captions:
+            item["caption_en"], item["caption_ko"] = choose_parallel_captions(sample, rng)
         return item
 
     def _prepare_eval(self, sample: WebtoonSample) -> dict:
@@ -164,6 +172,9 @@ class WebtoonShardDataModule(PositionedDataModule):
         }
         if self.tokenizer is not None:
             batch.update(self.preprocess.tokenize(batch["caption"]))
+        if self.hparams.parallel_captions:
+            batch["caption_en"] = [item["caption_en"] for item in items]
+            batch["caption_ko"] = [item["caption_ko"] for item in items]
         if self.hparams.text_features:
             features = torch.from_numpy(np.stack([item["text_features"] for item in items]))
             batch["text_features"] = features

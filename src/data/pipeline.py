@@ -42,6 +42,8 @@ SKIP_HINTS = {
     "precompute_text_features.py",
     "unreadable_tar": "the shard files are not readable tar archives: rebuild them with prepare_data.py",
     "bad_image": "the image bytes do not decode: check the shards' image files",
+    "no_parallel_captions": "data.parallel_captions needs records with both English and Korean captions "
+    "(COCO shards built with coco.korean_json)",
 }
 
 
@@ -410,6 +412,18 @@ def choose_caption(sample: WebtoonSample, languages: list[str], rng: random.Rand
         raise CorruptSample("no_caption", f"{sample.key} has no caption in {languages}")
     caption = rng.choice(candidates)
     return caption, feature_row(sample, caption)
+
+
+def choose_parallel_captions(sample: WebtoonSample, rng: random.Random) -> tuple[str, str]:
+    """An English caption and a Korean caption of the same image: caption ``i`` of one language with caption ``i``
+    of the other when both lists are as long (the demo's templates are parallel that way), else at random."""
+    english, korean = sample.captions(["en"]), sample.captions(["ko"])
+    if not english or not korean:
+        raise CorruptSample("no_parallel_captions", f"{sample.key} lacks English or Korean captions")
+    if len(english) == len(korean):
+        row = rng.randrange(len(english))
+        return english[row], korean[row]
+    return rng.choice(english), rng.choice(korean)
 
 
 def feature_row(sample: WebtoonSample, caption: str) -> int:

@@ -34,6 +34,7 @@ from src.utils.hub import from_pretrained
 
 __all__ = [
     "diffusers_pipeline_for",
+    "diffusers_pipeline_of",
     "load_module",
     "load_panel_maker",
     "load_photo_maker",
@@ -75,11 +76,16 @@ def text_to_image_for(module: Any, **sampling: Any) -> TextToImage:
 
 def diffusers_pipeline_for(module: Any, pipeline_class: type | None = None) -> Any:
     """A diffusers pipeline (``StableDiffusionPipeline`` by default) on the module's current parts."""
+    return diffusers_pipeline_of(module.diffusion_parts(), pipeline_class)
+
+
+def diffusers_pipeline_of(parts: Mapping[str, Any], pipeline_class: type | None = None) -> Any:
+    """A diffusers pipeline (``StableDiffusionPipeline`` by default) on ``parts`` (vae, unet, text encoder, ...)."""
     from diffusers import StableDiffusionPipeline
 
     pipeline_class = pipeline_class or StableDiffusionPipeline
     optional = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    diffusers_pipeline = pipeline_class(**module.diffusion_parts(), **accepted(pipeline_class, optional))
+    diffusers_pipeline = pipeline_class(**parts, **accepted(pipeline_class, optional))
     diffusers_pipeline.set_progress_bar_config(disable=True)
     return diffusers_pipeline
 
@@ -214,11 +220,14 @@ def load_panel_maker(
     multiplier: float = 1.0,
     device: str | torch.device = "auto",
     index_backend: str = "exact",
+    korean_text_encoder: str | os.PathLike | None = None,
     **settings: Any,
 ) -> Any:
     """Treatments -> panels (:class:`~src.pipelines.panel.TreatmentToPanel`): the project's CLIP (a train.py
     checkpoint or its export), an image index it built (``prepare_data.py source=index``) and a depth-to-image
-    model (hub id or directory), optionally with a style LoRA / textual inversion / hypernetwork (``weights``)."""
+    model (hub id or directory), optionally with a style LoRA / textual inversion / hypernetwork (``weights``).
+    With ``korean="encoder"`` the depth model reads prompts through the text encoder and tokenizer of
+    ``korean_text_encoder`` (an export of ``experiment=korean_text_encoder*`` distilled into its text space)."""
     from diffusers import StableDiffusionDepth2ImgPipeline
 
     from src.pipelines.panel import PanelSettings, TreatmentToPanel
@@ -228,6 +237,7 @@ def load_panel_maker(
     device = resolve_device(device)
     encoder = CLIPEncoder.load(clip, device=str(device), setting="clip")
     image_index = ImageIndex.load(index, backend=index_backend, setting="index")
+    reader = korean_reader(korean_text_encoder) if settings.get("korean") == "encoder" else {}
     diffusers_pipeline, aliases, origin = load_stable_diffusion(
         depth_model,
         method,
@@ -236,12 +246,28 @@ def load_panel_maker(
         device,
         pipeline_class=StableDiffusionDepth2ImgPipeline,
         base_model_setting="depth_model",
+        **reader,
     )
     origin = {"clip": str(clip), "index": str(index), "depth_model": str(depth_model), **origin}
+    if reader:
+        origin["korean_text_encoder"] = str(korean_text_encoder)
     origin.pop("base_model", None)
     return TreatmentToPanel(
         encoder, image_index, diffusers_pipeline, PanelSettings(**settings), aliases, origin
     )
+
+
+def korean_reader(export: str | os.PathLike | None) -> dict[str, Any]:
+    """The text encoder and tokenizer of a Korean text encoder's export, to replace a pipeline's own."""
+    from src.modules.diffusion.components import load_text_encoder
+
+    if not export:
+        raise ValueError(
+            "korean=encoder needs korean_text_encoder=<an export of experiment=korean_text_encoder_demo "
+            "(or korean_text_encoder) distilled into the depth model's text space>"
+        )
+    tokenizer, text_encoder = load_text_encoder(str(export), setting="korean_text_encoder")
+    return {"text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 def load_story_maker(

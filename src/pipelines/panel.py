@@ -8,7 +8,9 @@
 
 Stable Diffusion's text encoder reads English only. A Korean treatment therefore reaches it through the
 retrieved image's English captions (``korean_prompt``: the first caption, all of them joined, or a translation
-the caller gives), and each panel records which English text was used and why. ``use_depth=False`` draws the
+the caller gives), or, with ``korean="encoder"``, as it is, through a Korean text encoder distilled into the
+model's text space (:mod:`src.modules.diffusion.korean_text_encoder`); each panel records which text was used
+and why. ``use_depth=False`` draws the
 same panels with the depth channel's input weights at zero — plain image-to-image with the same model — the
 baseline that shows what depth adds.
 """
@@ -34,6 +36,7 @@ __all__ = ["KOREAN_PROMPTS", "Panel", "PanelSettings", "TreatmentToPanel", "lang
 
 HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\uac00-\ud7a3]")
 KOREAN_PROMPTS = ("first_caption", "all_captions", "translation")
+KOREAN_READINGS = ("retrieved_captions", "encoder")
 
 
 def language_of(text: str) -> str:
@@ -52,12 +55,17 @@ class PanelSettings:
     negative_prompt: str | None = None
     top_k: int = 1  # panels per treatment: one per retrieved image, best first
     korean_prompt: str = "first_caption"  # first_caption | all_captions | translation
+    korean: str = (
+        "retrieved_captions"  # retrieved_captions | encoder (the pipeline's text encoder reads Korean)
+    )
     use_depth: bool = True
     resolution: int | None = (
         None  # the retrieved image's shorter side before redrawing; None: the model's own
     )
 
     def __post_init__(self) -> None:
+        if self.korean not in KOREAN_READINGS:
+            raise ValueError(f"korean must be one of {', '.join(KOREAN_READINGS)}, got {self.korean!r}")
         if self.korean_prompt not in KOREAN_PROMPTS:
             raise ValueError(
                 f"korean_prompt must be one of {', '.join(KOREAN_PROMPTS)}, got {self.korean_prompt!r}"
@@ -131,9 +139,11 @@ class TreatmentToPanel:
     # --- 2. the prompt Stable Diffusion reads ------------------------------------------------------------------
 
     def sd_prompt(self, treatment: str, hit: SearchHit, translation: str | None = None) -> tuple[str, str]:
-        """The English prompt for ``treatment`` (+ the style keyword) and where its words came from."""
+        """The prompt for ``treatment`` (+ the style keyword) and where its words came from."""
         if language_of(treatment) == "en":
             text, reason = treatment, "treatment"
+        elif self.settings.korean == "encoder":
+            text, reason = treatment, "treatment (Korean, read by the Korean text encoder)"
         elif self.settings.korean_prompt == "translation":
             if not translation:
                 raise ValueError(

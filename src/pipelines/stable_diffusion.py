@@ -27,8 +27,12 @@ __all__ = [
     "step_callback",
 ]
 
-METHODS = ("base", "lora", "textual_inversion", "dreambooth", "full", "hypernetwork")
-WHOLE_MODEL_METHODS = ("dreambooth", "full")  # their export is a whole diffusers directory
+METHODS = ("base", "lora", "textual_inversion", "dreambooth", "full", "hypernetwork", "korean_text_encoder")
+WHOLE_MODEL_METHODS = (
+    "dreambooth",
+    "full",
+    "korean_text_encoder",
+)  # their export is a whole diffusers directory
 LORA_ADAPTER = "finetuned"
 EXPORT_RECORD = "finetune.json"  # written beside every fine-tuning export (src/modules/diffusion/finetune.py)
 

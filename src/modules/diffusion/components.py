@@ -4,7 +4,8 @@ A hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``, ``stabilityai/stable-
 diffusers directory (``save_pretrained`` output) both work. The training noise schedule is DDPM over the
 checkpoint's own scheduler config, so its ``prediction_type`` (``epsilon`` for SD 1.x, ``v_prediction`` for
 SD 2.x 768) decides the training target; the scheduler that ``model_index.json`` names (PNDM, DDIM, ...) is kept
-for inference so that validation images look like the base model's.
+for inference so that validation images look like the base model's. The text encoder and tokenizer are the
+classes ``model_index.json`` names (CLIP for Stable Diffusion, AltCLIP's text tower for a Korean-taught copy).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 
 from src.utils.hub import from_pretrained
 
-__all__ = ["StableDiffusionComponents", "load_components", "save_pipeline_directory"]
+__all__ = [
+    "StableDiffusionComponents",
+    "encode_text",
+    "load_components",
+    "load_text_encoder",
+    "save_pipeline_directory",
+]
 
 SETTING = "model.pretrained_model_name_or_path"
 
@@ -37,35 +44,81 @@ class StableDiffusionComponents:
 
 
 def load_components(
-    name_or_path: str, revision: str | None = None, variant: str | None = None
+    name_or_path: str, revision: str | None = None, variant: str | None = None, setting: str = SETTING
 ) -> StableDiffusionComponents:
     """Load every part of ``name_or_path``; a missing model fails once, naming the id and the setting."""
     import diffusers
     from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     name_or_path = str(name_or_path)
     options = {"revision": revision}
-    model_index = from_pretrained(DiffusionPipeline.load_config, name_or_path, SETTING, **options)
+    model_index = from_pretrained(DiffusionPipeline.load_config, name_or_path, setting, **options)
     weights = {**options, "variant": variant}
     _, scheduler_class = model_index.get("scheduler", (None, "PNDMScheduler"))
+    tokenizer, text_encoder = load_text_encoder(name_or_path, setting, revision, variant, model_index)
     return StableDiffusionComponents(
         name_or_path=name_or_path,
-        tokenizer=from_pretrained(
-            CLIPTokenizer.from_pretrained, name_or_path, SETTING, subfolder="tokenizer"
-        ),
-        text_encoder=from_pretrained(
-            CLIPTextModel.from_pretrained, name_or_path, SETTING, subfolder="text_encoder", **weights
-        ),
-        vae=from_pretrained(AutoencoderKL.from_pretrained, name_or_path, SETTING, subfolder="vae", **weights),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=from_pretrained(AutoencoderKL.from_pretrained, name_or_path, setting, subfolder="vae", **weights),
         unet=from_pretrained(
-            UNet2DConditionModel.from_pretrained, name_or_path, SETTING, subfolder="unet", **weights
+            UNet2DConditionModel.from_pretrained, name_or_path, setting, subfolder="unet", **weights
         ),
         noise_scheduler=DDPMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **options),
         inference_scheduler=getattr(diffusers, scheduler_class).from_pretrained(
             name_or_path, subfolder="scheduler", **options
         ),
     )
+
+
+def load_text_encoder(
+    name_or_path: str,
+    setting: str = SETTING,
+    revision: str | None = None,
+    variant: str | None = None,
+    model_index: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
+    """The tokenizer and text encoder of a pipeline directory, of the classes its ``model_index.json`` names."""
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    name_or_path = str(name_or_path)
+    if model_index is None:
+        model_index = from_pretrained(DiffusionPipeline.load_config, name_or_path, setting, revision=revision)
+    tokenizer_class = getattr(transformers, model_index.get("tokenizer", (None, "CLIPTokenizer"))[1])
+    text_encoder_class = getattr(transformers, model_index.get("text_encoder", (None, "CLIPTextModel"))[1])
+    tokenizer = from_pretrained(
+        tokenizer_class.from_pretrained, name_or_path, setting, subfolder="tokenizer", revision=revision
+    )
+    text_encoder = from_pretrained(
+        text_encoder_class.from_pretrained,
+        name_or_path,
+        setting,
+        subfolder="text_encoder",
+        revision=revision,
+        variant=variant,
+    )
+    return tokenizer, text_encoder
+
+
+def encode_text(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> Any:
+    """The text encoder's output on ``prompts`` tokenized as diffusers' Stable Diffusion pipelines tokenize them
+    (padded to the tokenizer's length, cut there, the attention mask passed only when the encoder's config sets
+    ``use_attention_mask``): output 0 is the UNet's context, so training reads prompts as inference will."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = text_encoder.device
+    mask = (
+        tokens.attention_mask.to(device)
+        if getattr(text_encoder.config, "use_attention_mask", False)
+        else None
+    )
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)
 
 
 def save_pipeline_directory(parts: dict[str, Any], out_dir: str | os.PathLike) -> Path:

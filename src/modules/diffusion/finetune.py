@@ -27,7 +27,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from src.modules.diffusion.components import load_components
+from src.modules.diffusion.components import encode_text, load_components
 from src.modules.diffusion.objective import denoising_target, per_example_loss
 from src.utils.checkpoint import record_module_class
 
@@ -192,15 +192,8 @@ class StableDiffusionFineTune(LightningModule, abc.ABC):
         use_cache = self.hparams.cache_text_embeddings and not self.text_encoder_trains
         if use_cache and all(p in self._text_cache for p in prompts):
             return torch.stack([self._text_cache[p] for p in prompts])
-        input_ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
         with torch.set_grad_enabled(self.text_encoder_trains and torch.is_grad_enabled()):
-            context = self.text_encoder(input_ids)[0]
+            context = encode_text(self.tokenizer, self.text_encoder, prompts)[0]
         if use_cache:
             self._text_cache.update(zip(prompts, context.detach(), strict=True))
         return context
