@@ -109,8 +109,8 @@ class KoreanTextEncoderDistillation(StableDiffusionFineTune):
         generator: torch.Generator | None = None,
         english_weight: float | None = None,
     ) -> dict[str, Tensor]:
-        """Each weighted term for the student reading ``korean`` (+ ``english_weight`` x the same term for the
-        student reading ``english``), against the teacher reading ``english``."""
+        """Each term (before its weight) for the student reading ``korean``, plus ``english_weight`` x the same
+        term for the student reading ``english``, against the teacher reading ``english``."""
         english_weight = self.hparams.english_weight if english_weight is None else english_weight
         with torch.no_grad():
             teacher = encode_text(self.tokenizer, self.text_encoder, english)
@@ -176,9 +176,12 @@ class KoreanTextEncoderDistillation(StableDiffusionFineTune):
         for language in ("ko", "en"):
             generator = torch.Generator().manual_seed(batch_idx)
             captions = batch["caption_ko"] if language == "ko" else batch["caption_en"]
-            terms = self.distillation_terms(
-                batch["image"], batch["caption_en"], captions, generator=generator, english_weight=0.0
-            )
+            # the VAE posterior's sample too, so that the numbers repeat exactly
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(batch_idx)
+                terms = self.distillation_terms(
+                    batch["image"], batch["caption_en"], captions, generator=generator, english_weight=0.0
+                )
             for name, value in terms.items():
                 self.log(f"{stage}/{name}_distance_{language}", value, sync_dist=True, batch_size=size)
 
