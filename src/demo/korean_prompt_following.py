@@ -14,13 +14,11 @@ as references, and ``korean_prompt_following.png``: English original | Korean st
 
 from __future__ import annotations
 
-import random
-
 import lightning as L
 import torch
 
 from src.demo.prompt_following import PromptFollowing
-from src.demo.synthetic import STYLES, caption_scene, sample_scene
+from src.demo.synthetic import caption_scene
 from src.pipelines.loading import diffusers_pipeline_of
 from src.pipelines.stable_diffusion import StableDiffusionTextToImage
 from src.utils.image_grid import captioned_grid, save_grid
@@ -44,16 +42,14 @@ class KoreanPromptFollowing(PromptFollowing):
     def __init__(self, *args, grid_images: int = 2, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.grid_images = grid_images
-        # the parent's scenes, each also captioned in Korean by the English caption's template
-        rng = random.Random(f"webtoon-lab/prompt-following/{self.seed}")
-        self.captions: dict[str, list[str]] = {"en": [], "ko": []}
-        for _ in self.prompts:
-            scene, style = sample_scene(rng), rng.choice(STYLES)
-            template = rng.randrange(5)
-            for language in ("en", "ko"):
-                self.captions[language].append(caption_scene(scene, language, template, style))
-        if self.captions["en"] != [caption for _, _, caption in self.prompts]:
-            raise RuntimeError("The Korean captions must describe PromptFollowing's own scenes")
+        # the parent's scenes, each also captioned in Korean by its English caption's template
+        self.captions = {
+            language: [
+                caption_scene(scene, language, template, style)
+                for (scene, style, _), template in zip(self.prompts, self.templates, strict=True)
+            ]
+            for language in ("en", "ko")
+        }
 
     def text_to_image(self, pl_module: L.LightningModule, encoder: str) -> StableDiffusionTextToImage:
         parts = pl_module.diffusion_parts() if encoder == "student" else pl_module.original_diffusion_parts()

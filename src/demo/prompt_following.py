@@ -57,9 +57,11 @@ class PromptFollowing(L.Callback):
         self.grid_rows = grid_rows
         rng = random.Random(f"webtoon-lab/prompt-following/{seed}")
         self.prompts = []
+        self.templates = []  # each caption's template, so that other languages can say the same
         for _ in range(num_prompts):
             scene, style = sample_scene(rng), rng.choice(STYLES)
-            self.prompts.append((scene, style, caption_scene(scene, "en", rng.randrange(5), style)))
+            self.templates.append(rng.randrange(5))
+            self.prompts.append((scene, style, caption_scene(scene, "en", self.templates[-1], style)))
         self.judge = None
         self.real: dict[str, float] = {}
 
