@@ -112,20 +112,18 @@ def test_a_model_that_is_not_a_text_encoder_is_refused_by_name(tmp_path):
 
 
 def test_parallel_captions_are_the_same_templates_caption_of_the_same_image(synthetic_dir):
-    from src.demo.synthetic import scene_captions  # noqa: F401  (the templates pair by index)
+    import random
+
+    from src.data.pipeline import choose_parallel_captions
+    from src.data.schema import WebtoonSample
 
     batch = parallel_batch(synthetic_dir, n=6)
     assert len(batch["caption_en"]) == len(batch["caption_ko"]) == len(batch["image"]) == 6
     assert all("가" <= ch <= "힣" for caption in batch["caption_ko"] for ch in caption if ch.isalpha())
     # the datamodule pairs caption i of one language with caption i of the other
-    from src.data.pipeline import choose_parallel_captions
-    from src.data.schema import WebtoonSample
-
     sample = WebtoonSample(
         key="k", image=None, captions_en=["e0", "e1", "e2"], captions_ko=["k0", "k1", "k2"]
     )
-    import random
-
     pairs = {choose_parallel_captions(sample, random.Random(seed)) for seed in range(30)}
     assert pairs == {("e0", "k0"), ("e1", "k1"), ("e2", "k2")}
 
