@@ -56,6 +56,34 @@ def test_write_read_round_trip_keeps_images_and_captions(tmp_path):
     assert index.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
 
 
+def test_worker_batches_arrive_normalised_in_shared_memory_as_the_main_process_makes_them(tmp_path):
+    write_shards(make_samples(8), tmp_path, "val", samples_per_shard=4)
+    preprocess = {"image_size": 16, "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    here = _iterate(_datamodule(tmp_path, preprocess=preprocess).val_dataloader())
+    datamodule = _datamodule(tmp_path, preprocess=preprocess, num_workers=1)
+    sent = _iterate(datamodule.val_dataloader(), datamodule)
+    assert [b["key"] for b in sent] == [b["key"] for b in here]
+    for from_worker, from_main in zip(sent, here, strict=True):
+        assert from_worker["image"].dtype == torch.float32
+        assert torch.equal(from_worker["image"], from_main["image"])
+    pixels = torch.stack([b["image"] for b in here]).flatten(0, 1)
+    mean, std = torch.tensor(preprocess["image_mean"]), torch.tensor(preprocess["image_std"])
+    unnormalised = pixels * std.view(-1, 1, 1) + mean.view(-1, 1, 1)
+    assert unnormalised.min() >= -1e-6 and unnormalised.max() <= 1 + 1e-6
+    assert torch.allclose(unnormalised * 255, (unnormalised * 255).round(), atol=1e-3)  # uint8 levels
+
+
+def test_a_worker_writes_its_batch_into_shared_memory_not_a_copy_made_when_sent(tmp_path):
+    write_shards(make_samples(4), tmp_path, "val", samples_per_shard=4)
+    datamodule = _datamodule(tmp_path)
+    (in_main,) = _iterate(datamodule.val_dataloader())
+    assert not in_main["image"].is_shared()
+    with mock.patch("src.utils.workers.get_worker_info", return_value=object()):  # as a worker
+        (in_worker,) = _iterate(datamodule.val_dataloader())
+    assert in_worker["image"].is_shared()
+    assert torch.equal(in_worker["image"], in_main["image"])
+
+
 def _tar_with(path, records: list[tuple[str, str, bytes]]) -> None:
     with tarfile.open(path, "w") as tar:
         for key, ext, data in records:

@@ -33,7 +33,7 @@ from src.data.position import PositionedDataModule, ResumableLoader, TrainingPos
 from src.data.preprocess import Preprocess
 from src.data.schema import LANGUAGES, SPLITS, WebtoonSample
 from src.data.shards import read_sizes
-from src.utils.workers import die_with_parent
+from src.utils.workers import die_with_parent, worker_shared_tensor
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,13 @@ class WebtoonShardDataModule(PositionedDataModule):
             item["all_text_features"] = features_of(sample, [feature_row(sample, c) for c in captions])
         return item
 
+    def _normalized_images(self, items: list[dict]) -> torch.Tensor:
+        images = torch.stack([item["image"] for item in items])
+        return self.preprocess.normalize(images, out=worker_shared_tensor(images.shape, torch.float32))
+
     def _collate(self, items: list[dict], evaluation: bool) -> dict:
         batch: dict[str, Any] = {
-            "image": self.preprocess.normalize(torch.stack([item["image"] for item in items])),
+            "image": self._normalized_images(items),
             "caption": [item["caption"] for item in items],
             "key": [item["key"] for item in items],
         }

@@ -47,13 +47,17 @@ class Preprocess:
         works on whole batches."""
         return _ResizeCrop(self.image_size)
 
-    def normalize(self, images):
-        """uint8 images [..., 3, H, W] -> float, scaled to [0, 1] and normalised with the mean and std."""
-        import torch
-        from torchvision.transforms.v2 import functional as F
+    def normalize(self, images, out=None):
+        """uint8 images [..., 3, H, W] -> float, scaled to [0, 1] and normalised with the mean and std.
 
-        images = F.to_dtype(images, dtype=torch.float32, scale=True)
-        return F.normalize(images, list(self.image_mean), list(self.image_std))
+        One pass, ``images * 1 / (255 std) - mean / std``, written into ``out`` (a float32 tensor of the same shape)
+        when given: a loader worker passes a buffer in shared memory, so the batch is written once, where the
+        training process reads it."""
+        import torch
+
+        std = torch.tensor(self.image_std, device=images.device).view(-1, 1, 1)
+        mean = torch.tensor(self.image_mean, device=images.device).view(-1, 1, 1)
+        return torch.mul(images, 1 / (255 * std), out=out).sub_(mean / std)
 
     def denormalize(self, images):
         """Normalised tensors [B, 3, H, W] back to [0, 1]."""

@@ -1,4 +1,4 @@
-"""Data-loader workers that die with the process that started them.
+"""Data-loader workers: they die with the process that started them, and write batches where it reads them.
 
 torch's workers notice a dead parent only while they wait for work (a watchdog polled every few seconds); a
 worker blocked writing a batch into its full result pipe never looks, so a ``train.py`` killed with SIGKILL left
@@ -14,7 +14,10 @@ import os
 import signal
 import sys
 
-__all__ = ["die_with_parent"]
+import torch
+from torch.utils.data import get_worker_info
+
+__all__ = ["die_with_parent", "worker_shared_tensor"]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -28,3 +31,18 @@ def die_with_parent(worker_id: int | None = None) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in a data-loader worker")
     if os.getppid() == 1:  # the parent died between the fork and the call: no signal will come
         os._exit(1)
+
+
+def worker_shared_tensor(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """In a DataLoader worker, an empty tensor in shared memory (None elsewhere).
+
+    A batch sent from a worker must be in shared memory: one built in ordinary memory is copied there when it is
+    sent (for a batch of 64 float images of 224 px, 38 MB and ~40 ms of the worker's ~500 ms). torch's
+    ``default_collate`` therefore stacks into shared memory; a custom collate that writes its batch into this
+    buffer does the same.
+    """
+    if get_worker_info() is None:
+        return None
+    numel = int(torch.Size(shape).numel())
+    template = torch.empty(0, dtype=dtype)
+    return template.new(template._typed_storage()._new_shared(numel)).view(shape)
