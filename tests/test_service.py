@@ -387,6 +387,8 @@ def test_a_full_queue_answers_429_with_retry_after_and_an_overdue_job_expires(cl
     [
         ({"kind": "txt2img", "prompt": "x", "steps": LONG + 1}, "less than or equal to 40"),
         ({"kind": "txt2img", "prompt": "x", "num_images": 9}, "less than or equal to 4"),
+        ({"kind": "txt2img", "prompt": "x", "guidance_scale": False}, "Input should be a valid number"),
+        ({"kind": "txt2img", "prompt": "x", "num_images": True}, "Input should be a valid integer"),
         ({"kind": "txt2img", "prompt": "x" * 501}, "at most 500 characters"),
         ({"kind": "txt2img", "prompt": "   "}, "must not be blank"),
         ({"kind": "txt2img", "prompt": "a\x1b[31m red"}, "control characters"),

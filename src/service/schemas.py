@@ -66,7 +66,8 @@ def request_models(limits: Limits, styles: Sequence[str], controlnets: Sequence[
     Count = Annotated[int, Field(ge=1, le=limits.max_images)]
 
     class Common(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # strict: a request is valid exactly when its JSON schema says so (lax pydantic took `false` for a number)
+        model_config = ConfigDict(extra="forbid", strict=True)
 
         seed: int = Field(0, ge=0, le=2**32 - 1, description="image j is drawn from the noise of seed + j")
         style: Style = Field(
