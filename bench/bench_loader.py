@@ -113,20 +113,6 @@ def loader(
     return datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
 
 
-def ours(
-    data_dir: Path,
-    image_size: int,
-    workers: int,
-    batch_size: int,
-    split: str,
-    samples: int,
-    reduced_decode: bool = True,
-) -> int:
-    """Samples of one epoch of a fresh loader (worker start-up included)."""
-    batches = loader(data_dir, image_size, workers, batch_size, split, samples, reduced_decode)
-    return sum(len(batch["key"]) for batch in batches)
-
-
 def epoch_rates(batches, epochs: int) -> list[float]:
     """Samples/s of each of ``epochs`` passes over one loader: the first starts its workers, the others run on
     the same persistent workers, as every later epoch of a training run does."""
@@ -172,9 +158,8 @@ def main() -> None:
         print(f"baseline  tar+PIL decode+resize, 1 process : {baseline:8.1f} samples/s ({n} samples)")
         for split in ("train", "val"):
             for workers in args.workers:
-                start = time.perf_counter()
-                n = ours(data_dir, args.image_size, workers, args.batch_size, split, args.samples)
-                rate = n / (time.perf_counter() - start)
+                batches = loader(data_dir, args.image_size, workers, args.batch_size, split, args.samples)
+                (rate,) = epoch_rates(batches, 1)
                 print(
                     f"pipeline  {split} loader, {workers} workers: {rate:8.1f} samples/s  ratio {rate / baseline:.2f}x"
                 )
