@@ -92,9 +92,10 @@ def test_networks_shapes_and_range():
     assert features.shape == (BATCH, discriminator.feature_dim) == (BATCH, 8 * TINY["base_channels"] * 16)
 
 
-def test_discriminator_scores_shared_image_features_as_separate_passes():
+@pytest.mark.parametrize("conditioning", ["concat", "projection"])
+def test_discriminator_scores_shared_image_features_as_separate_passes(conditioning):
     # The training step passes the real images once for their right and wrong captions.
-    discriminator = make_discriminator().train()
+    discriminator = make_discriminator(conditioning=conditioning).train()
     images, right, wrong = (
         torch.randn(BATCH, 3, 64, 64),
         torch.randn(BATCH, TEXT_DIM),
@@ -104,6 +105,21 @@ def test_discriminator_scores_shared_image_features_as_separate_passes():
     torch.testing.assert_close(discriminator.score(features, right), discriminator(images, right)[0])
     torch.testing.assert_close(discriminator.score(features, wrong), discriminator(images, wrong)[0])
     assert not torch.allclose(discriminator.score(features, right), discriminator.score(features, wrong))
+
+
+def test_projection_discriminator_reads_the_text_only_through_its_inner_product_with_pooled_features():
+    discriminator = make_discriminator(conditioning="projection").eval()
+    images, right, wrong = torch.randn(BATCH, 3, 64, 64), torch.randn(BATCH, TEXT_DIM), torch.randn(BATCH, TEXT_DIM)
+    features = discriminator.image_blocks(images)
+    pooled = features.mean(dim=(2, 3))
+    text_difference = discriminator.text_projection(right) - discriminator.text_projection(wrong)
+    torch.testing.assert_close(
+        discriminator.score(features, right) - discriminator.score(features, wrong),
+        (text_difference * pooled).sum(dim=1),
+    )
+    assert discriminator(images, right)[0].shape == (BATCH,)
+    with pytest.raises(ValueError, match="conditioning must be"):
+        make_discriminator(conditioning="film")
 
 
 def test_networks_have_the_thesis_six_blocks_at_64px():

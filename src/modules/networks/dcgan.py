@@ -17,6 +17,11 @@ How the thesis' "6 blocks" are counted at 64×64 (Fig. 11 of the thesis):
   and concatenated ("joined near the end" in the thesis); block 5 fuses image and text with a 1×1 conv + batch
   norm + LeakyReLU (Reed et al. 2016); block 6 is the 4×4 conv to a single real/fake logit per sample. The
   thesis' sigmoid is applied by the loss (BCE with logits), which is the numerically stable equivalent.
+
+Beyond the thesis, the discriminator can take its text by projection instead (Miyato & Koyama 2018): an
+unconditional logit of the image plus the inner product of the projected text with the image's pooled
+features. Concatenation leaves D free to judge a pair by whatever is easiest to check (here the colour); the inner
+product makes every feature channel answer to the text.
 """
 
 import math
@@ -130,11 +135,16 @@ class WebtoonDiscriminator(nn.Module):
         text_embed_dim: int = 128,
         base_channels: int = 64,
         image_size: int = 64,
+        conditioning: str = "concat",
     ) -> None:
+        """``conditioning``: ``concat`` (the thesis and Reed et al.: text replicated over the 4×4 map, fused by a 1×1
+        conv) or ``projection`` (Miyato & Koyama 2018: unconditional logit + <projected text, pooled features>)."""
         super().__init__()
+        if conditioning not in ("concat", "projection"):
+            raise ValueError(f"conditioning must be 'concat' or 'projection', got {conditioning!r}")
+        self.conditioning = conditioning
         num_down = _num_doublings(image_size) - int(math.log2(TEXT_JOIN_SIZE))
         self.image_size = image_size
-        self.text_projection = _text_projection(text_dim, text_embed_dim)
 
         blocks: list[nn.Module] = []
         in_channels = 3
@@ -152,11 +162,18 @@ class WebtoonDiscriminator(nn.Module):
         self.image_blocks = nn.Sequential(*blocks)
         self.feature_dim = in_channels * TEXT_JOIN_SIZE * TEXT_JOIN_SIZE
 
-        self.joint_block = nn.Sequential(
-            nn.Conv2d(in_channels + text_embed_dim, in_channels, 1, bias=False),
-            nn.BatchNorm2d(in_channels),
-            nn.LeakyReLU(0.2, inplace=True),
-        )
+        if conditioning == "concat":
+            self.text_projection = _text_projection(text_dim, text_embed_dim)
+            self.joint_block = nn.Sequential(
+                nn.Conv2d(in_channels + text_embed_dim, in_channels, 1, bias=False),
+                nn.BatchNorm2d(in_channels),
+                nn.LeakyReLU(0.2, inplace=True),
+            )
+        else:
+            # The text is projected straight to the feature width: its inner product with the pooled features is
+            # the conditional half of the logit.
+            self.text_projection = _text_projection(text_dim, in_channels)
+            self.joint_block = nn.Identity()
         self.logit = nn.Conv2d(in_channels, 1, TEXT_JOIN_SIZE)
         self.apply(dcgan_init_)
 
@@ -169,6 +186,9 @@ class WebtoonDiscriminator(nn.Module):
         """Logits [B] of 4×4 image features (``image_blocks`` output) paired with sentence vectors. Apart, so
         that one pass over the real images serves both their right and their wrong captions."""
         text = self.text_projection(text_features)
+        if self.conditioning == "projection":
+            pooled = image_features.mean(dim=(2, 3))
+            return self.logit(image_features).flatten() + (text * pooled).sum(dim=1)
         text_map = text[:, :, None, None].expand(-1, -1, TEXT_JOIN_SIZE, TEXT_JOIN_SIZE)
         joint = self.joint_block(torch.cat([image_features, text_map], dim=1))
         return self.logit(joint).flatten()
