@@ -109,7 +109,11 @@ def test_discriminator_scores_shared_image_features_as_separate_passes(condition
 
 def test_projection_discriminator_reads_the_text_only_through_its_inner_product_with_pooled_features():
     discriminator = make_discriminator(conditioning="projection").eval()
-    images, right, wrong = torch.randn(BATCH, 3, 64, 64), torch.randn(BATCH, TEXT_DIM), torch.randn(BATCH, TEXT_DIM)
+    images, right, wrong = (
+        torch.randn(BATCH, 3, 64, 64),
+        torch.randn(BATCH, TEXT_DIM),
+        torch.randn(BATCH, TEXT_DIM),
+    )
     features = discriminator.image_blocks(images)
     pooled = features.mean(dim=(2, 3))
     text_difference = discriminator.text_projection(right) - discriminator.text_projection(wrong)
