@@ -20,8 +20,8 @@ How the thesis' "6 blocks" are counted at 64×64 (Fig. 11 of the thesis):
 
 Beyond the thesis, the discriminator can take its text by projection instead (Miyato & Koyama 2018): an
 unconditional logit of the image plus the inner product of the projected text with the image's pooled
-features. Concatenation leaves D free to judge a pair by whatever is easiest to check (here the colour); the inner
-product makes every feature channel answer to the text.
+features, which Miyato & Koyama found holds a generator to its condition more closely than concatenation does (on
+the demo it follows the caption's colour more, not yet its shape: docs/results.md).
 """
 
 import math
@@ -173,7 +173,6 @@ class WebtoonDiscriminator(nn.Module):
             # The text is projected straight to the feature width: its inner product with the pooled features is
             # the conditional half of the logit.
             self.text_projection = _text_projection(text_dim, in_channels)
-            self.joint_block = nn.Identity()
         self.logit = nn.Conv2d(in_channels, 1, TEXT_JOIN_SIZE)
         self.apply(dcgan_init_)
 
