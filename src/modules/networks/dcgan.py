@@ -138,7 +138,8 @@ class WebtoonDiscriminator(nn.Module):
         conditioning: str = "concat",
     ) -> None:
         """``conditioning``: ``concat`` (the thesis and Reed et al.: text replicated over the 4×4 map, fused by a 1×1
-        conv) or ``projection`` (Miyato & Koyama 2018: unconditional logit + <projected text, pooled features>)."""
+        conv) or ``projection`` (Miyato & Koyama 2018: unconditional logit + <projected text, pooled features>; the text is
+        projected to the features' width, so ``text_embed_dim`` applies to ``concat`` only)."""
         super().__init__()
         if conditioning not in ("concat", "projection"):
             raise ValueError(f"conditioning must be 'concat' or 'projection', got {conditioning!r}")
