@@ -315,50 +315,6 @@ def test_training_alternates_d_and_g_steps_and_logs_every_term(interpolation_wei
     assert module.generator.training and module.discriminator.training
 
 
-@pytest.mark.parametrize("conditioning", ["concat", "projection"])
-def test_hardest_mismatch_is_the_other_caption_d_scores_highest(conditioning):
-    module = TextToWebtoonGAN(GENERATOR, {**DISCRIMINATOR, "conditioning": conditioning}, mismatch="hardest")
-    images, texts = torch.rand(5, 3, 64, 64) * 2 - 1, torch.randn(5, TEXT_DIM)
-    texts[3] = texts[1]  # a caption repeated in the batch matches both of its images
-    module.discriminator.eval()
-    features = module.discriminator.image_blocks(images)
-    scores = torch.stack(
-        [module.discriminator.score(features, texts[j].expand(5, -1)) for j in range(5)], dim=1
-    )
-    module.discriminator.train()
-    running_mean = [
-        m.running_mean.clone() for m in module.discriminator.modules() if hasattr(m, "running_mean")
-    ]
-
-    wrong = module.hardest_mismatch(features, texts, fallback=texts.roll(1, dims=0))
-
-    for i in range(5):
-        allowed = [j for j in range(5) if not torch.equal(texts[j], texts[i])]
-        best = max(allowed, key=lambda j: scores[i, j])
-        assert torch.equal(wrong[i], texts[best])
-    after = [m.running_mean for m in module.discriminator.modules() if hasattr(m, "running_mean")]
-    assert all(torch.equal(a, b) for a, b in zip(running_mean, after, strict=True))
-    assert module.discriminator.training
-
-
-def test_hardest_mismatch_falls_back_when_the_batch_has_no_other_caption():
-    module = make_module(mismatch="hardest")
-    texts, fallback = torch.randn(1, TEXT_DIM).expand(3, -1), torch.randn(3, TEXT_DIM)
-    features = module.discriminator.image_blocks(torch.rand(3, 3, 64, 64))
-    assert torch.equal(module.hardest_mismatch(features, texts, fallback), fallback)
-
-
-def test_training_with_hardest_mismatches_steps_both_networks():
-    module = make_module(mismatch="hardest")
-    watcher = StepWatcher()
-    trainer = tiny_trainer(max_steps=4, limit_val_batches=0, callbacks=[watcher])
-    trainer.fit(module, train_dataloaders=DataLoader(make_samples(2 * BATCH), batch_size=BATCH))
-    assert [name for name, _, _ in watcher.steps] == ["discriminator", "generator"] * 2
-    assert torch.isfinite(trainer.callback_metrics["train/d_wrong"])
-    with pytest.raises(ValueError, match="mismatch"):
-        make_module(mismatch="random")
-
-
 class OutputCollector(Callback):
     def __init__(self) -> None:
         self.outputs: list[dict[str, torch.Tensor]] = []

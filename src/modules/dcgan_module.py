@@ -29,7 +29,6 @@ INTERPOLATION_BETA = 0.5
 # Thesis chapter III: Adam, lr 0.0002 for both networks; betas from DCGAN (Radford et al. 2016). Used when no
 # optimizer is given, e.g. when loading a checkpoint only to generate.
 THESIS_ADAM = functools.partial(torch.optim.Adam, lr=2e-4, betas=(0.5, 0.999))
-MISMATCHES = ("neighbour", "hardest")
 
 
 class TextToWebtoonGAN(LightningModule):
@@ -46,18 +45,11 @@ class TextToWebtoonGAN(LightningModule):
         feature_matching_weight: float = 1.0,
         interpolation_weight: float = 0.0,
         mode_seeking_weight: float = 0.0,
-        mismatch: str = "neighbour",
         fixed_noise_seed: int = 0,
         text_features_dir: str | None = None,
         caption_encoder: dict[str, Any] | None = None,
     ) -> None:
         """``generator`` / ``discriminator``: keyword arguments of the networks (kept in checkpoints to rebuild them).
-
-        ``mismatch``: the wrong caption of each real image in D's (real, wrong text) term. ``neighbour`` (Reed et
-        al. 2016): another sample's, as the data layer pairs them. ``hardest``: the batch's other caption that D
-        currently finds most plausible for the image (the hardest negative of VSE++, Faghri et al. 2018). A random
-        caption differs from the right one in several attributes at once, so D learns to reject it by the most
-        visible one alone (on the shapes demo, the background) and never checks the rest (docs/results.md).
 
         ``text_features_dir``: the precomputed features the GAN trains on; their encoder record
         (``text_features.json``) is copied into ``caption_encoder`` when fitting starts, so a checkpoint alone
@@ -66,8 +58,6 @@ class TextToWebtoonGAN(LightningModule):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if mismatch not in MISMATCHES:
-            raise ValueError(f"mismatch must be one of {MISMATCHES}, got {mismatch!r}")
         # Optimizer partials stay out of the hparams: checkpoints then load with weights_only=True.
         self.save_hyperparameters(ignore=["optimizer_g", "optimizer_d"], logger=False)
         self.generator = WebtoonGenerator(**generator)
@@ -136,8 +126,6 @@ class TextToWebtoonGAN(LightningModule):
             # The real images' features do not depend on the caption: computed once for the right and wrong one
             # (the same batch, so the same batch-norm statistics as two passes).
             real_features = self.discriminator.image_blocks(real)
-            if self.hparams.mismatch == "hardest":
-                wrong = self.hardest_mismatch(real_features, right, fallback=wrong)
             real_right_logits = self.discriminator.score(real_features, right)
             real_wrong_logits = self.discriminator.score(real_features, wrong)
             fake_right_logits, _ = self.discriminator(fake.detach(), right)
@@ -180,28 +168,6 @@ class TextToWebtoonGAN(LightningModule):
             opt_g.step()
 
         self._log_terms("train", d_terms, g_terms, real_right_logits, real_wrong_logits, fake_right_logits)
-
-    @torch.no_grad()
-    def hardest_mismatch(self, real_features: Tensor, texts: Tensor, fallback: Tensor) -> Tensor:
-        """For each real image, the batch's other sentence vector that D scores highest with it ([B, D]).
-
-        A caption repeated in the batch is a match, not a mismatch; an image whose batch holds no other caption
-        keeps its ``fallback``. D ranks the B x B pairs in eval mode: the ranking must not move its batch-norm
-        running statistics.
-        """
-        n = len(texts)
-        was_training = self.discriminator.training
-        self.discriminator.eval()
-        try:
-            pair_features = real_features.repeat_interleave(n, dim=0)
-            scores = self.discriminator.score(pair_features, texts.repeat(n, 1)).view(n, n)
-        finally:
-            self.discriminator.train(was_training)
-        same_caption = torch.cdist(texts, texts) <= 1e-6 * texts.norm(dim=1).max().clamp(min=1e-12)
-        scores = scores.masked_fill(same_caption, float("-inf"))
-        hardest = texts[scores.argmax(dim=1)]
-        no_other = same_caption.all(dim=1)
-        return torch.where(no_other[:, None], fallback, hardest)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluation_step("val", batch, batch_idx)
