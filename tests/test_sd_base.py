@@ -232,6 +232,63 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
     assert components.text_encoder.config.hidden_size == components.unet.config.cross_attention_dim == 24
 
 
+def test_swapped_prompts_change_only_the_named_attribute():
+    import dataclasses
+
+    from src.demo.prompt_following import SWAPPABLE, PromptFollowing
+    from src.demo.synthetic import caption_scene
+
+    following = PromptFollowing(judge="unused", num_prompts=12)
+    for attribute, values in SWAPPABLE.items():
+        swapped = following.swapped_prompts(attribute)
+        assert swapped == following.swapped_prompts(attribute)  # the same for the same seed
+        for (scene, style, _), template, caption in zip(
+            following.prompts, following.templates, swapped, strict=True
+        ):
+            others = [value for value in values if value != getattr(scene, attribute)]
+            worded = {
+                caption_scene(dataclasses.replace(scene, **{attribute: other}), "en", template, style)
+                for other in others
+            }
+            assert caption in worded
+
+
+class CaptionReadingLoss:
+    """A stand-in module whose loss on a batch is 1 + the share of its captions with the kind swapped, and which
+    records the noise each call draws: the probe must pair every variant's noise."""
+
+    def __init__(self, following) -> None:
+        from src.data.preprocess import Preprocess
+
+        self.preprocess = Preprocess.of({"image_size": 32, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+        self.device = torch.device("cpu")
+        self.kind_swapped = set(following.swapped_prompts("kind"))
+        self.noise: list[torch.Tensor] = []
+
+    def denoising_loss(self, images, captions, generator=None):
+        assert images.min() >= -1 and images.max() <= 1
+        self.noise.append(torch.randn(3, generator=generator))
+        return torch.tensor(1.0 + sum(caption in self.kind_swapped for caption in captions) / len(captions))
+
+
+def test_loss_rise_compares_each_swap_with_the_right_prompts_on_the_same_noise():
+    from src.demo.prompt_following import LOSS_PROBE_DRAWS, PromptFollowing
+
+    following = PromptFollowing(judge="unused", num_prompts=5, num_images_per_prompt=2)
+    module = CaptionReadingLoss(following)
+    rises = following.loss_rise(module, following.real_drawings())
+
+    assert rises["loss_rise_kind"] == pytest.approx(1.0)  # every kind swapped: loss 2 against 1
+    assert rises["loss_rise_colour"] == pytest.approx(0.0)
+    assert rises["loss_rise_background"] == pytest.approx(0.0)
+    variants = 4  # the right prompts and three swaps, each drawn LOSS_PROBE_DRAWS times
+    assert len(module.noise) == variants * LOSS_PROBE_DRAWS
+    for draw in range(LOSS_PROBE_DRAWS):
+        calls = module.noise[draw * variants : (draw + 1) * variants]
+        assert all(torch.equal(calls[0], other) for other in calls[1:])
+    assert not torch.equal(module.noise[0], module.noise[variants])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", DIFFUSION_EXPERIMENTS)
 def test_sd_demo_base_trains_both_stages_is_judged_and_exports(
@@ -273,8 +330,11 @@ def test_sd_demo_base_trains_both_stages_is_judged_and_exports(
         "test/background_match",
         "test/shape_match_real",
     } <= set(metrics)
+    rises = [metrics[f"test/loss_rise_{name}"] for name in ("kind", "colour", "background")]
+    assert all(torch.isfinite(torch.as_tensor(rise)) for rise in rises)
     table = (run / "metrics.md").read_text()
     assert "chance" in table and "real drawings" in table and "paper" not in table
+    assert "test/loss_rise_kind" in table and "one attribute of their prompt is swapped" in table
     assert list(run.rglob("prompt_following.png")) and list(run.rglob("validation/step_000003.png"))
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert float(checkpoint["state_dict"]["latent_scale"]) > 0  # a resumed run keeps the scale

@@ -6,10 +6,16 @@ and so is the background (the named one must dominate the border pixels); shape 
 trained on the dataset's real drawings (``src/demo/shape_judge.py``): of the 10 shapes a prompt can name, the one
 it finds most likely must be the prompt's (chance 1/10). The same judging of real drawings of the prompts is the
 ceiling, logged beside each number (``test/shape_match_real``) and tabled beside chance.
+
+Beside what the model draws, what it has learnt to read: for a module with a denoising loss, how much that loss
+on the real drawings rises when one attribute of their prompt is swapped (``test/loss_rise_kind``, ``_colour``,
+``_background``; 0.03 = 3 % higher, the same noise and timesteps for both captions). An attribute the loss barely
+rises for is one the model does not yet use, whatever its drawings happen to show.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import lightning as L
@@ -30,6 +36,11 @@ from src.utils.image_grid import captioned_grid, save_grid, to_pil
 from src.utils.run import output_root
 
 __all__ = ["PromptFollowing"]
+
+# The attributes whose swap the loss probe measures, and the values each can take.
+SWAPPABLE = {"kind": KINDS, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+# Draws of noise and timesteps per probe: 4 x (prompts x images) paired evaluations.
+LOSS_PROBE_DRAWS = 4
 
 
 class PromptFollowing(L.Callback):
@@ -64,6 +75,7 @@ class PromptFollowing(L.Callback):
             self.prompts.append((scene, style, caption_scene(scene, "en", self.templates[-1], style)))
         self.judge = None
         self.real: dict[str, float] = {}
+        self.loss_rises: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.judge is None:  # at once, so that a missing judge fails before training
@@ -98,16 +110,52 @@ class PromptFollowing(L.Callback):
         scenes = [(scene, style) for scene, style, _ in self.prompts]
         return drawings_of(scenes, self.num_images_per_prompt, self.image_size, self.seed)
 
+    def swapped_prompts(self, attribute: str) -> list[str]:
+        """Each prompt with only ``attribute`` changed (to another value, the same for the same seed), worded
+        with the same template and style."""
+        rng = random.Random(f"webtoon-lab/prompt-following/{self.seed}/swap/{attribute}")
+        captions = []
+        for (scene, style, _), template in zip(self.prompts, self.templates, strict=True):
+            other = rng.choice(
+                [value for value in SWAPPABLE[attribute] if value != getattr(scene, attribute)]
+            )
+            swapped = dataclasses.replace(scene, **{attribute: other})
+            captions.append(caption_scene(swapped, "en", template, style))
+        return captions
+
+    @torch.no_grad()
+    def loss_rise(self, pl_module: L.LightningModule, drawings: torch.Tensor) -> dict[str, float]:
+        """``loss_rise_<attribute>``: the module's denoising loss on ``drawings`` [prompts, k, 3, H, W] in [0, 1]
+        with that attribute of each prompt swapped, over the loss with the right prompts, minus 1."""
+        images = pl_module.preprocess.normalize(drawings.flatten(0, 1) * 255).to(pl_module.device)
+        repeat = drawings.shape[1]
+        variants = {"right": [caption for _, _, caption in self.prompts]}
+        variants |= {attribute: self.swapped_prompts(attribute) for attribute in SWAPPABLE}
+        losses = dict.fromkeys(variants, 0.0)
+        for draw in range(LOSS_PROBE_DRAWS):
+            for name, captions in variants.items():
+                repeated = [caption for caption in captions for _ in range(repeat)]
+                generator = torch.Generator().manual_seed(
+                    self.seed * 1000 + draw
+                )  # the same for every variant
+                losses[name] += float(pl_module.denoising_loss(images, repeated, generator=generator))
+        return {f"loss_rise_{name}": losses[name] / losses["right"] - 1 for name in SWAPPABLE}
+
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         text_to_image = text_to_image_for(pl_module, **self.sampling)
         images = text_to_image(
             [caption for _, _, caption in self.prompts], self.num_images_per_prompt, self.seed
         )
-        self.real = {f"test/{name}": value for name, value in self.measure(self.real_drawings()).items()}
+        real_drawings = self.real_drawings()
+        self.real = {f"test/{name}": value for name, value in self.measure(real_drawings).items()}
         for name, value in self.measure(images).items():
             pl_module.log(f"test/{name}", value)
             pl_module.log(f"test/{name}_real", self.real[f"test/{name}"])
+        if hasattr(pl_module, "denoising_loss"):
+            self.loss_rises = self.loss_rise(pl_module, real_drawings)
+            for name, value in self.loss_rises.items():
+                pl_module.log(f"test/{name}", value)
         if trainer.is_global_zero:
             rows = self.prompts[: self.grid_rows]
             grid = captioned_grid(
@@ -128,4 +176,11 @@ class PromptFollowing(L.Callback):
             f"Shape is judged by the classifier at {self.judge_name} (the most likely of the {len(KINDS)} shapes a "
             "prompt can name); colour and background by pixels. 'real drawings' is the same judging of the "
             "dataset's own drawings of these prompts (also logged as test/*_real)."
-        ]
+        ] + (
+            [
+                "test/loss_rise_*: how much the denoising loss on those real drawings rises when one attribute of "
+                "their prompt is swapped (0.03 = 3 % higher; near 0: the model does not read that attribute)."
+            ]
+            if self.loss_rises
+            else []
+        )
