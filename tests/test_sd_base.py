@@ -235,11 +235,13 @@ def test_export_is_a_stable_diffusion_directory_that_diffusers_and_the_finetunin
 def test_swapped_prompts_change_only_the_named_attribute():
     import dataclasses
 
-    from src.demo.prompt_following import SWAPPABLE, PromptFollowing
-    from src.demo.synthetic import caption_scene
+    from src.demo.prompt_following import SWAPPED_ATTRIBUTES, PromptFollowing
+    from src.demo.synthetic import BACKGROUNDS, COLOURS, KINDS, caption_scene
 
     following = PromptFollowing(judge="unused", num_prompts=12)
-    for attribute, values in SWAPPABLE.items():
+    values_of = {"kind": KINDS, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+    assert set(SWAPPED_ATTRIBUTES) == set(values_of)
+    for attribute, values in values_of.items():
         swapped = following.swapped_prompts(attribute)
         assert swapped == following.swapped_prompts(attribute)  # the same for the same seed
         for (scene, style, _), template, caption in zip(

@@ -28,6 +28,7 @@ from src.demo.synthetic import (
     Scene,
     caption_scene,
     caption_vocabulary,
+    changed_scene,
     colour_caption_set,
     dominant_background,
     dominant_colour,
@@ -191,3 +192,27 @@ def test_empty_split_and_regeneration_leave_no_stale_shards(tmp_path):
     assert len(read_samples(tmp_path, "train")) == 8
     with pytest.raises(ValueError, match="sum to 1"):
         generate_synthetic_dataset(tmp_path, 8, split_fractions=(0.5, 0.1, 0.1))
+
+
+def test_changed_scene_changes_only_the_named_attribute_to_another_value():
+    import dataclasses
+    import random
+
+    scene = Scene(kind="star", colour="red", size="small", position="center", background="white")
+    values = {
+        "kind": KINDS,
+        "colour": COLOURS,
+        "size": SIZES,
+        "position": POSITIONS,
+        "background": BACKGROUNDS,
+    }
+    rng = random.Random(0)
+    for attribute, allowed in values.items():
+        seen = set()
+        for _ in range(40):
+            changed = changed_scene(scene, attribute, rng)
+            value = getattr(changed, attribute)
+            assert value in allowed and value != getattr(scene, attribute)
+            assert dataclasses.replace(changed, **{attribute: getattr(scene, attribute)}) == scene
+            seen.add(value)
+        assert len(seen) == len(allowed) - 1  # every other value is reachable

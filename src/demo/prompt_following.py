@@ -15,7 +15,6 @@ rises for is one the model does not yet use, whatever its drawings happen to sho
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import lightning as L
@@ -27,6 +26,7 @@ from src.demo.synthetic import (
     KINDS,
     STYLES,
     caption_scene,
+    changed_scene,
     dominant_background,
     dominant_colour,
     sample_scene,
@@ -37,8 +37,8 @@ from src.utils.run import output_root
 
 __all__ = ["PromptFollowing"]
 
-# The attributes whose swap the loss probe measures, and the values each can take.
-SWAPPABLE = {"kind": KINDS, "colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+# The attributes whose swap the loss probe measures.
+SWAPPED_ATTRIBUTES = ("kind", "colour", "background")
 # Draws of noise and timesteps per probe: 4 x (prompts x images) paired evaluations.
 LOSS_PROBE_DRAWS = 4
 
@@ -116,11 +116,7 @@ class PromptFollowing(L.Callback):
         rng = random.Random(f"webtoon-lab/prompt-following/{self.seed}/swap/{attribute}")
         captions = []
         for (scene, style, _), template in zip(self.prompts, self.templates, strict=True):
-            other = rng.choice(
-                [value for value in SWAPPABLE[attribute] if value != getattr(scene, attribute)]
-            )
-            swapped = dataclasses.replace(scene, **{attribute: other})
-            captions.append(caption_scene(swapped, "en", template, style))
+            captions.append(caption_scene(changed_scene(scene, attribute, rng), "en", template, style))
         return captions
 
     @torch.no_grad()
@@ -130,16 +126,15 @@ class PromptFollowing(L.Callback):
         images = pl_module.preprocess.normalize(drawings.flatten(0, 1) * 255).to(pl_module.device)
         repeat = drawings.shape[1]
         variants = {"right": [caption for _, _, caption in self.prompts]}
-        variants |= {attribute: self.swapped_prompts(attribute) for attribute in SWAPPABLE}
+        variants |= {attribute: self.swapped_prompts(attribute) for attribute in SWAPPED_ATTRIBUTES}
         losses = dict.fromkeys(variants, 0.0)
         for draw in range(LOSS_PROBE_DRAWS):
             for name, captions in variants.items():
                 repeated = [caption for caption in captions for _ in range(repeat)]
-                generator = torch.Generator().manual_seed(
-                    self.seed * 1000 + draw
-                )  # the same for every variant
+                # The same noise and timesteps for every variant of the prompts.
+                generator = torch.Generator().manual_seed(self.seed * 1000 + draw)
                 losses[name] += float(pl_module.denoising_loss(images, repeated, generator=generator))
-        return {f"loss_rise_{name}": losses[name] / losses["right"] - 1 for name in SWAPPABLE}
+        return {f"loss_rise_{name}": losses[name] / losses["right"] - 1 for name in SWAPPED_ATTRIBUTES}
 
     @torch.no_grad()
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

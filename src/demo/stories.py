@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from itertools import product
 from pathlib import Path
@@ -43,6 +43,7 @@ from src.demo.synthetic import (
     _has_final_consonant,
     _josa,
     caption_scene,
+    changed_scene,
     synthetic_sample,
 )
 
@@ -87,7 +88,7 @@ def synthetic_story(index: int, seed: int = 0) -> SyntheticStory:
     scenes = [scene_of(sample)]
     rng = random.Random(f"webtoon-lab/stories/{seed}/{index}")
     for change in rng.sample(CHANGES, len(CHANGES)):
-        scenes.append(changed(scenes[-1], change, rng))
+        scenes.append(changed_scene(scenes[-1], change, rng))
     english = [caption_scene(scenes[0], "en", _FIRST_EN_TEMPLATE)]
     korean = [caption_scene(scenes[0], "ko", _FIRST_KO_TEMPLATE)]
     for step, (before, after) in enumerate(zip(scenes, scenes[1:], strict=False)):
@@ -123,14 +124,6 @@ def _scenes_by_caption(style: str) -> dict[str, Scene]:
         )
     )
     return {caption_scene(scene, "en", 0, style): scene for scene in scenes}
-
-
-def changed(scene: Scene, change: str, rng: random.Random) -> Scene:
-    """``scene`` with its ``change`` attribute (position, size or colour) set to another value."""
-    if change == "size":
-        return replace(scene, size="large" if scene.size == "small" else "small")
-    values = {"position": POSITIONS, "colour": tuple(COLOURS)}[change]
-    return replace(scene, **{change: rng.choice([v for v in values if v != getattr(scene, change)])})
 
 
 # ---- the sentences ------------------------------------------------------------------------------------------

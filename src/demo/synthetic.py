@@ -17,7 +17,7 @@ import os
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +220,20 @@ def sample_scene(rng: random.Random, kinds: Sequence[str] = KINDS) -> Scene:
         position=rng.choice(POSITIONS),
         background=rng.choice(list(BACKGROUNDS)),
     )
+
+
+def changed_scene(scene: Scene, attribute: str, rng: random.Random) -> Scene:
+    """``scene`` with ``attribute`` set to another of its values (a kind of ``KINDS``); the size, which has one
+    other value, takes it without drawing from ``rng``."""
+    values = {
+        "kind": KINDS,
+        "colour": tuple(COLOURS),
+        "size": SIZES,
+        "position": POSITIONS,
+        "background": tuple(BACKGROUNDS),
+    }[attribute]
+    others = [value for value in values if value != getattr(scene, attribute)]
+    return replace(scene, **{attribute: others[0] if len(others) == 1 else rng.choice(others)})
 
 
 def num_attribute_combinations() -> int:
