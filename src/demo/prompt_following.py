@@ -124,16 +124,19 @@ class PromptFollowing(L.Callback):
         """``loss_rise_<attribute>``: the module's denoising loss on ``drawings`` [prompts, k, 3, H, W] in [0, 1]
         with that attribute of each prompt swapped, over the loss with the right prompts, minus 1."""
         images = pl_module.preprocess.normalize(drawings.flatten(0, 1) * 255).to(pl_module.device)
-        repeat = drawings.shape[1]
-        variants = {"right": [caption for _, _, caption in self.prompts]}
-        variants |= {attribute: self.swapped_prompts(attribute) for attribute in SWAPPED_ATTRIBUTES}
+        prompts = {"right": [caption for _, _, caption in self.prompts]}
+        prompts |= {attribute: self.swapped_prompts(attribute) for attribute in SWAPPED_ATTRIBUTES}
+        # One caption per drawing: each prompt's repeated for its drawings.
+        variants = {
+            name: [c for c in captions for _ in range(drawings.shape[1])]
+            for name, captions in prompts.items()
+        }
         losses = dict.fromkeys(variants, 0.0)
         for draw in range(LOSS_PROBE_DRAWS):
             for name, captions in variants.items():
-                repeated = [caption for caption in captions for _ in range(repeat)]
                 # The same noise and timesteps for every variant of the prompts.
                 generator = torch.Generator().manual_seed(self.seed * 1000 + draw)
-                losses[name] += float(pl_module.denoising_loss(images, repeated, generator=generator))
+                losses[name] += float(pl_module.denoising_loss(images, captions, generator=generator))
         return {f"loss_rise_{name}": losses[name] / losses["right"] - 1 for name in SWAPPED_ATTRIBUTES}
 
     @torch.no_grad()
@@ -167,15 +170,14 @@ class PromptFollowing(L.Callback):
         return {"chance": chance, "real drawings": dict(self.real)}
 
     def report_notes(self) -> list[str]:
-        return [
+        notes = [
             f"Shape is judged by the classifier at {self.judge_name} (the most likely of the {len(KINDS)} shapes a "
             "prompt can name); colour and background by pixels. 'real drawings' is the same judging of the "
             "dataset's own drawings of these prompts (also logged as test/*_real)."
-        ] + (
-            [
+        ]
+        if self.loss_rises:
+            notes.append(
                 "test/loss_rise_*: how much the denoising loss on those real drawings rises when one attribute of "
                 "their prompt is swapped (0.03 = 3 % higher; near 0: the model does not read that attribute)."
-            ]
-            if self.loss_rises
-            else []
-        )
+            )
+        return notes
