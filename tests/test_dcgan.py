@@ -359,6 +359,21 @@ def test_generate_is_deterministic_per_noise_and_restores_training_mode():
     assert module.generator.training
 
 
+def test_match_logits_are_the_discriminators_in_eval_mode_and_restore_training_mode():
+    module = make_module()
+    images, text = torch.rand(BATCH, 3, 64, 64) * 2 - 1, torch.randn(BATCH, TEXT_DIM)
+    module.train()
+
+    logits = module.match_logits(images, text)
+
+    module.discriminator.eval()
+    assert torch.equal(logits, module.discriminator(images, text)[0])
+    assert logits.shape == (BATCH,) and not logits.requires_grad
+    module.train()
+    module.match_logits(images, text)
+    assert module.discriminator.training
+
+
 def test_mode_seeking_loss_is_large_for_identical_drawings_and_falls_as_they_differ():
     noise_a, noise_b = torch.zeros(2, 8), torch.ones(2, 8)
     image = torch.zeros(2, 3, 4, 4)

@@ -75,6 +75,11 @@ def test_experiment_trains_tests_and_its_checkpoint_evaluates(
         assert judged | {"test/shape_match_real"} <= set(metrics)
         chance = next(i for i, column in enumerate(header) if column.startswith("chance"))
         assert rows["test/shape_match_en"][chance - 1] == "0.1000"
+        # The discriminator asked whether it checks each attribute, beside a blind one's 0.5.
+        for attribute in ("kind", "colour", "background"):
+            assert 0 <= metrics[f"test/d_ranks_{attribute}"] <= 1
+            assert rows[f"test/d_ranks_{attribute}"][chance - 1] == "0.5000"
+        assert "test/d_ranks_*" in (run / "metrics.md").read_text()
 
     checkpoint = Path(
         objects["trainer"].checkpoint_callback.best_model_path or run / "checkpoints" / "last.ckpt"

@@ -7,6 +7,11 @@ random scenes of every kind (chance = 1/10), beside the same judging of real dra
 ceiling (``{stage}/shape_match_real``). Both per language. Diversity is the mean pairwise pixel distance between
 images drawn for one caption, beside the same for real drawings of that caption: a generator that ignores its
 noise (GAN-CLS's mode collapse) scores ~0 against the real images' jitter.
+
+For a GAN the test also asks its discriminator, which is what tells the generator to follow a caption, whether it
+reads each attribute: ``test/d_ranks_kind`` (``_colour``, ``_background``) is the share of real drawings of the
+shape scenes that it scores higher with their caption than with the same caption with that attribute swapped
+(0.5 = blind to it). A generator is not asked for what its discriminator does not check.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from src.demo.synthetic import (
     KINDS,
     STYLES,
     caption_scene,
+    changed_scene,
     colour_caption_set,
     dominant_colour,
     sample_scene,
@@ -31,6 +37,7 @@ from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import to_pil
 
 LANGUAGES = ("en", "ko")
+SWAPPED_ATTRIBUTES = ("kind", "colour", "background")
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:
@@ -61,15 +68,18 @@ class CaptionFollowing(L.Callback):
         self.scenes = colour_caption_set()
         rng = random.Random(f"webtoon-lab/caption-following/{seed}")
         self.shape_scenes = []
+        self.shape_templates = []
         for _ in range(num_shape_scenes):  # one scene, style and template, captioned in both languages
             scene, style, template = sample_scene(rng), rng.choice(STYLES), rng.randrange(5)
             self.shape_scenes.append(
                 (scene, style, {lang: caption_scene(scene, lang, template, style) for lang in LANGUAGES})
             )
+            self.shape_templates.append(template)
         self.shape_judge_name = shape_judge
         self.shape_judge = None
         self.real_shape_match: float | None = None
         self.stages: set[str] = set()
+        self.discriminator_ranks: dict[str, float] = {}
         # Real drawings of each caption, rendered once: the diversity a generator should reach.
         self.real_diversity = sum(
             mean_pairwise_distance(
@@ -126,12 +136,49 @@ class CaptionFollowing(L.Callback):
         scores["diversity_ratio"] = scores["diversity"] / self.real_diversity
         return scores
 
+    def swapped_captions(self, attribute: str, language: str) -> list[str]:
+        """Each shape scene's caption with only ``attribute`` changed (the same for the same seed), worded with the
+        same template and style."""
+        rng = random.Random(f"webtoon-lab/caption-following/{self.seed}/swap/{attribute}")
+        changed = [changed_scene(scene, attribute, rng) for scene, _, _ in self.shape_scenes]
+        return [
+            caption_scene(scene, language, template, style)
+            for scene, (_, style, _), template in zip(
+                changed, self.shape_scenes, self.shape_templates, strict=True
+            )
+        ]
+
+    @torch.no_grad()
+    def discriminator_ranking(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """``d_ranks_<attribute>``: the share of (real drawing, language) pairs that ``pl_module.match_logits``
+        scores higher with the drawing's caption than with that attribute swapped, over both languages."""
+        drawings = self.real_drawings()
+        per_scene = drawings.shape[1]
+        images = pl_module.preprocess.normalize(drawings.flatten(0, 1) * 255).to(pl_module.device)
+        encode = text_to_image_for(pl_module).encode
+        wins = dict.fromkeys(SWAPPED_ATTRIBUTES, 0.0)
+        for language in LANGUAGES:
+
+            def logits(captions: list[str]) -> torch.Tensor:
+                # Each scene's caption repeated for its drawings.
+                return pl_module.match_logits(images, encode(captions).repeat_interleave(per_scene, dim=0))
+
+            right = logits([named[language] for _, _, named in self.shape_scenes])
+            for attribute in SWAPPED_ATTRIBUTES:
+                swapped = logits(self.swapped_captions(attribute, language))
+                wins[attribute] += (right > swapped).float().mean().item() / len(LANGUAGES)
+        return {f"d_ranks_{attribute}": value for attribute, value in wins.items()}
+
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:  # a curve over training: does caption-following grow with it?
             self._log(pl_module, "val")
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._log(pl_module, "test")
+        if hasattr(pl_module, "match_logits"):
+            self.discriminator_ranks = self.discriminator_ranking(pl_module)
+            for name, value in self.discriminator_ranks.items():
+                pl_module.log(f"test/{name}", value, sync_dist=True)
 
     def references(self, stage: str = "test") -> dict[str, dict[str, float]]:
         """Chance colour and shape match (1/8, 1/10), real drawings' diversity and shape match, for reports."""
@@ -142,7 +189,18 @@ class CaptionFollowing(L.Callback):
         if self.shape_judge is not None:
             chance |= {f"{stage}/shape_match_{lang}": 1 / len(KINDS) for lang in LANGUAGES}
             real |= {f"{stage}/shape_match_{lang}": self.real_shape_match for lang in LANGUAGES}
+        if stage == "test" and self.discriminator_ranks:
+            chance |= {f"test/{name}": 0.5 for name in self.discriminator_ranks}
         return {"chance": chance, "real images": real}
+
+    def report_notes(self) -> list[str]:
+        if not self.discriminator_ranks:
+            return []
+        return [
+            "test/d_ranks_*: the share of real drawings the discriminator scores higher with their caption than "
+            "with one attribute of it swapped (0.5: it does not check that attribute, so the generator is not "
+            "asked for it)."
+        ]
 
     def _log(self, pl_module: L.LightningModule, stage: str) -> None:
         self.stages.add(stage)

@@ -110,6 +110,17 @@ class TextToWebtoonGAN(LightningModule):
         finally:
             self.generator.train(was_training)
 
+    @torch.no_grad()
+    def match_logits(self, images: Tensor, text_features: Tensor) -> Tensor:
+        """D's logits [B] for images [B, 3, S, S] in [-1, 1] paired with sentence vectors [B, D], with D in eval
+        mode: how well D tells a caption from a wrong one is what tells the generator to follow it."""
+        was_training = self.discriminator.training
+        self.discriminator.eval()
+        try:
+            return self.discriminator(images, text_features.to(images))[0]
+        finally:
+            self.discriminator.train(was_training)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_module_class(self, checkpoint)
 
