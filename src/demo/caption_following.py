@@ -23,12 +23,13 @@ import lightning as L
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
+from src.demo.prompt_following import SWAPPED_ATTRIBUTES
 from src.demo.synthetic import (
     COLOURS,
     KINDS,
     STYLES,
     caption_scene,
-    changed_scene,
+    captions_with_one_change,
     colour_caption_set,
     dominant_colour,
     sample_scene,
@@ -37,7 +38,6 @@ from src.pipelines.loading import text_to_image_for
 from src.utils.image_grid import to_pil
 
 LANGUAGES = ("en", "ko")
-SWAPPED_ATTRIBUTES = ("kind", "colour", "background")
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:
@@ -140,13 +140,11 @@ class CaptionFollowing(L.Callback):
         """Each shape scene's caption with only ``attribute`` changed (the same for the same seed), worded with the
         same template and style."""
         rng = random.Random(f"webtoon-lab/caption-following/{self.seed}/swap/{attribute}")
-        changed = [changed_scene(scene, attribute, rng) for scene, _, _ in self.shape_scenes]
-        return [
-            caption_scene(scene, language, template, style)
-            for scene, (_, style, _), template in zip(
-                changed, self.shape_scenes, self.shape_templates, strict=True
-            )
+        described = [
+            (scene, style, t)
+            for (scene, style, _), t in zip(self.shape_scenes, self.shape_templates, strict=True)
         ]
+        return captions_with_one_change(described, attribute, language, rng)
 
     @torch.no_grad()
     def discriminator_ranking(self, pl_module: L.LightningModule) -> dict[str, float]:

@@ -26,7 +26,7 @@ from src.demo.synthetic import (
     KINDS,
     STYLES,
     caption_scene,
-    changed_scene,
+    captions_with_one_change,
     dominant_background,
     dominant_colour,
     sample_scene,
@@ -114,10 +114,10 @@ class PromptFollowing(L.Callback):
         """Each prompt with only ``attribute`` changed (to another value, the same for the same seed), worded
         with the same template and style."""
         rng = random.Random(f"webtoon-lab/prompt-following/{self.seed}/swap/{attribute}")
-        captions = []
-        for (scene, style, _), template in zip(self.prompts, self.templates, strict=True):
-            captions.append(caption_scene(changed_scene(scene, attribute, rng), "en", template, style))
-        return captions
+        described = [
+            (scene, style, t) for (scene, style, _), t in zip(self.prompts, self.templates, strict=True)
+        ]
+        return captions_with_one_change(described, attribute, "en", rng)
 
     @torch.no_grad()
     def loss_rise(self, pl_module: L.LightningModule, drawings: torch.Tensor) -> dict[str, float]:

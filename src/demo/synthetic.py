@@ -236,6 +236,17 @@ def changed_scene(scene: Scene, attribute: str, rng: random.Random) -> Scene:
     return replace(scene, **{attribute: others[0] if len(others) == 1 else rng.choice(others)})
 
 
+def captions_with_one_change(
+    described: Sequence[tuple[Scene, str | None, int]], attribute: str, language: str, rng: random.Random
+) -> list[str]:
+    """The caption of each (scene, style, template) with only ``attribute`` changed (``changed_scene``), worded
+    with the same template and style: a caption a model that reads ``attribute`` should find wrong."""
+    return [
+        caption_scene(changed_scene(scene, attribute, rng), language, template, style)
+        for scene, style, template in described
+    ]
+
+
 def num_attribute_combinations() -> int:
     """How many distinct (scene, style) pairs, hence distinct captions, the grammar can produce."""
     return len(KINDS) * len(COLOURS) * len(SIZES) * len(POSITIONS) * len(BACKGROUNDS) * len(STYLES)
