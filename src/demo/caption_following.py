@@ -154,13 +154,13 @@ class CaptionFollowing(L.Callback):
         per_scene = drawings.shape[1]
         images = pl_module.preprocess.normalize(drawings.flatten(0, 1) * 255).to(pl_module.device)
         encode = text_to_image_for(pl_module).encode
+
+        def logits(captions: list[str]) -> torch.Tensor:
+            # Each scene's caption repeated for its drawings.
+            return pl_module.match_logits(images, encode(captions).repeat_interleave(per_scene, dim=0))
+
         wins = dict.fromkeys(SWAPPED_ATTRIBUTES, 0.0)
         for language in LANGUAGES:
-
-            def logits(captions: list[str]) -> torch.Tensor:
-                # Each scene's caption repeated for its drawings.
-                return pl_module.match_logits(images, encode(captions).repeat_interleave(per_scene, dim=0))
-
             right = logits([named[language] for _, _, named in self.shape_scenes])
             for attribute in SWAPPED_ATTRIBUTES:
                 swapped = logits(self.swapped_captions(attribute, language))
